@@ -1,0 +1,75 @@
+"""Pure-function preference-alignment losses.
+
+Every loss returns ``(losses [B], diagnostics NamedTuple)``; reduce the
+per-example losses yourself (e.g. ``losses.mean()``).
+"""
+
+from alignjax.losses.aligndistil import (
+    AlignDistilOutput,
+    AlignDistilTeacher,
+    aligndistil_loss,
+    aligndistil_teacher,
+)
+from alignjax.losses.logprobs import (
+    masked_mean,
+    masked_sum,
+    sequence_kl,
+    sequence_logprobs,
+    shift_for_next_token,
+    token_entropy,
+    token_kl,
+    token_logprobs,
+)
+from alignjax.losses.preference import (
+    GPO_ALIASES,
+    GPO_FUNCTIONS,
+    PreferenceOutput,
+    dpo_loss,
+    exponential,
+    gpo_function,
+    gpo_loss,
+    hinge,
+    logistic,
+    savage,
+    squared,
+    truncated_quadratic,
+)
+from alignjax.losses.tdpo import (
+    TDPOOutput,
+    TDPOStats,
+    tdpo_loss,
+    tdpo_loss_from_stats,
+    tdpo_sequence_stats,
+)
+
+__all__ = [
+    "AlignDistilOutput",
+    "AlignDistilTeacher",
+    "GPO_ALIASES",
+    "GPO_FUNCTIONS",
+    "PreferenceOutput",
+    "TDPOOutput",
+    "TDPOStats",
+    "aligndistil_loss",
+    "aligndistil_teacher",
+    "dpo_loss",
+    "exponential",
+    "gpo_function",
+    "gpo_loss",
+    "hinge",
+    "logistic",
+    "masked_mean",
+    "masked_sum",
+    "savage",
+    "sequence_kl",
+    "sequence_logprobs",
+    "shift_for_next_token",
+    "squared",
+    "tdpo_loss",
+    "tdpo_loss_from_stats",
+    "tdpo_sequence_stats",
+    "token_entropy",
+    "token_kl",
+    "token_logprobs",
+    "truncated_quadratic",
+]
