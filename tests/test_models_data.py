@@ -1,0 +1,87 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from alignjax.data import SortingTask, preference_batches
+from alignjax.data.synthetic import BOS, EOS, NUM_SPECIAL, PAD, SEP
+from alignjax.models import TinyLM, TinyLMConfig
+
+
+def _model(**kw):
+  return TinyLM(TinyLMConfig(vocab_size=12, max_len=16, d_model=32, num_heads=4, d_ff=64, **kw), rngs=nnx.Rngs(0))
+
+
+def test_tiny_lm_causal_and_padding_invariant():
+  model = _model()
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, 12, size=(2, 10)), jnp.int32)
+  logits = model(tokens)
+  assert logits.shape == (2, 10, 12) and logits.dtype == jnp.float32
+  # Causal: changing the future leaves earlier logits untouched.
+  changed = tokens.at[:, 6:].set(3)
+  np.testing.assert_allclose(model(changed)[:, :6], logits[:, :6], rtol=1e-5, atol=1e-5)
+  # Right padding: a sequence's logits don't depend on what padding follows.
+  mask = jnp.arange(10)[None] < jnp.array([[7], [10]])
+  padded = jnp.where(mask, tokens, 0)
+  junk = jnp.where(mask, tokens, 5)
+  a, b = model(padded, mask), model(junk, mask)
+  np.testing.assert_allclose(a[0, :7], b[0, :7], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(a[0, :7], model(tokens[:1, :7])[0], rtol=1e-4, atol=1e-5)
+  # Left padding gets the same positions as the unpadded sequence.
+  left = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), tokens[:1, :7]], axis=1)
+  left_mask = jnp.arange(10)[None] >= 3
+  np.testing.assert_allclose(model(left, left_mask)[0, 3:], model(tokens[:1, :7])[0], rtol=1e-4, atol=1e-5)
+  assert bool(jnp.all(jnp.isfinite(a)))
+
+
+def test_tiny_lm_errors():
+  with pytest.raises(ValueError, match="divisible"):
+    TinyLMConfig(d_model=30, num_heads=4)
+  with pytest.raises(ValueError, match="vocab_size"):
+    TinyLMConfig(vocab_size=0)
+  model = _model()
+  with pytest.raises(ValueError, match="max_len"):
+    model(jnp.zeros((1, 17), jnp.int32))
+  with pytest.raises(ValueError, match="attention_mask"):
+    model(jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 5), bool))
+
+
+def test_sorting_task_layout():
+  task = SortingTask(num_symbols=6, min_len=2, max_len=5)
+  data = task.generate(200, seed=0)
+  assert data["chosen_tokens"].shape == (200, task.seq_len)
+  for i in range(200):
+    for side in ("chosen", "rejected"):
+      t, a, r = (data[f"{side}_{f}"][i] for f in ("tokens", "attention", "response"))
+      seq = t[a]
+      assert seq[0] == BOS and seq[-1] == EOS and np.all(t[~a] == PAD)
+      sep = int(np.where(seq == SEP)[0][0])
+      assert np.array_equal(np.where(r)[0], np.arange(sep + 1, len(seq)))
+    c = data["chosen_tokens"][i][data["chosen_response"][i]][:-1]
+    rj = data["rejected_tokens"][i][data["rejected_response"][i]][:-1]
+    prompt = data["chosen_tokens"][i][1:1 + len(c)]
+    assert np.array_equal(c, np.sort(prompt)) and np.all(c >= NUM_SPECIAL)
+    assert not np.array_equal(c, rj)
+  np.testing.assert_array_equal(task.generate(5, seed=3)["rejected_tokens"],
+                                task.generate(5, seed=3)["rejected_tokens"])
+
+
+def test_preference_batches_deterministic_and_resumable():
+  data = SortingTask().generate(50, seed=0)
+  a = preference_batches(data, 8, seed=1)
+  b = preference_batches(data, 8, seed=1)
+  for step in (0, 3, 17):  # index-addressable: step 17 without visiting 0..16
+    for k in data:
+      np.testing.assert_array_equal(a[step][k], b[step][k])
+  assert a[0]["chosen_tokens"].shape == (8, SortingTask().seq_len)
+  with pytest.raises(ValueError, match="batch_size"):
+    preference_batches(data, 51, seed=0)
+
+
+def test_sorting_task_errors():
+  with pytest.raises(ValueError, match="num_symbols"):
+    SortingTask(num_symbols=1)
+  with pytest.raises(ValueError, match="min_len"):
+    SortingTask(min_len=5, max_len=3)
