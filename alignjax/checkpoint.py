@@ -42,6 +42,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_handlers=ocp.StandardCheckpointHandler(),
     )
 
   def latest_step(self) -> Optional[int]:
@@ -70,9 +71,7 @@ class Checkpointer:
 
   def _check_compatible(self, step: int, abstract: Any) -> None:
     """Refuses, before reading any array, a checkpoint of a different structure."""
-    path = os.path.join(self.directory, str(step), "default")
-    meta = ocp.StandardCheckpointer().metadata(path)
-    saved = _shapes(getattr(meta, "item_metadata", meta))
+    saved = _shapes(self._manager.item_metadata(step))
     wanted = _shapes(abstract)
     problems = [f"missing in checkpoint: {k}" for k in sorted(set(wanted) - set(saved))]
     problems += [f"not expected: {k}" for k in sorted(set(saved) - set(wanted))]

@@ -13,7 +13,10 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
+  # Generated once into a TFDS array_record data set under `dir` (default:
+  # <workdir>/data) and read back with grain.
   c.data = ml_collections.ConfigDict()
+  c.data.dir = ""
   c.data.num_symbols = 8
   c.data.min_len = 3
   c.data.max_len = 6

@@ -64,16 +64,19 @@ def train(config, workdir: str) -> dict[str, Any]:
   from flax import nnx
 
   from alignjax.checkpoint import Checkpointer
-  from alignjax.data import SortingTask, preference_batches
+  from alignjax.data import SortingTask, preference_batches, sorting_preferences, to_arrays
   from alignjax.models import TinyLM, TinyLMConfig
   from alignjax import training
 
   _validate(config)
   loss_cfg = training.LossConfig.from_mapping(config.loss.to_dict())
   task = SortingTask(config.data.num_symbols, config.data.min_len, config.data.max_len)
-  train_data = task.generate(config.data.train_examples, seed=config.seed)
-  eval_data = task.generate(config.data.eval_examples, seed=config.seed + 1)
-  train_ds = preference_batches(train_data, config.batch_size, seed=config.seed)
+  train_source, eval_source = sorting_preferences(
+      task, train_examples=config.data.train_examples, eval_examples=config.data.eval_examples,
+      seed=config.seed, data_dir=config.data.dir or os.path.join(workdir, "data"),
+  )
+  train_ds = preference_batches(train_source, config.batch_size, seed=config.seed)
+  eval_data = to_arrays(eval_source)
 
   model_cfg = TinyLMConfig(
       vocab_size=task.vocab_size, max_len=task.seq_len, d_model=config.model.d_model,

@@ -85,3 +85,26 @@ def test_sorting_task_errors():
     SortingTask(num_symbols=1)
   with pytest.raises(ValueError, match="min_len"):
     SortingTask(min_len=5, max_len=3)
+
+
+def test_tfds_array_record_dataset(tmp_path):
+  from alignjax.data import sorting_preferences, to_arrays
+
+  task = SortingTask(num_symbols=5, min_len=2, max_len=4)
+  train, eval_ = sorting_preferences(task, train_examples=40, eval_examples=12, seed=7, data_dir=str(tmp_path))
+  assert len(train) == 40 and len(eval_) == 12
+  files = sorted(p.name for p in tmp_path.rglob("*.array_record*"))
+  assert files and all("array_record" in f for f in files)
+  assert not list(tmp_path.rglob("incomplete*"))  # written, then renamed into place
+  got, want = to_arrays(train), task.generate(40, seed=7)
+  assert set(got) == set(want)
+  key = lambda d: sorted(map(tuple, np.concatenate([d["chosen_tokens"], d["rejected_tokens"]], 1)))
+  assert key(got) == key(want)  # same pairs (TFDS stores them in its own order)
+  assert got["chosen_response"].dtype == bool and got["chosen_tokens"].dtype == np.int32
+  # Reopening reuses the files instead of regenerating them.
+  mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.array_record*")}
+  sorting_preferences(task, train_examples=40, eval_examples=12, seed=7, data_dir=str(tmp_path))
+  assert mtimes == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.array_record*")}
+  # grain batches straight from the array_record source.
+  batch = preference_batches(train, 8, seed=0)[3]
+  assert batch["rejected_tokens"].shape == (8, task.seq_len)

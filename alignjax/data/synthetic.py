@@ -18,6 +18,7 @@ stored in fixed-shape NumPy arrays:
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import grain
 import numpy as np
@@ -103,20 +104,41 @@ class SortingTask:
     return {k: np.stack(v) for k, v in cols.items()}
 
 
-def preference_batches(
-    data: dict[str, np.ndarray], batch_size: int, seed: int, *, shuffle: bool = True
-) -> grain.MapDataset:
+def _as_source(data) -> Sequence[dict]:
+  """Random-access records from a dict of arrays or any ``len``/``[i]`` source."""
+  if isinstance(data, dict):
+    n = len(next(iter(data.values())))
+    return [{k: v[i] for k, v in data.items()} for i in range(n)]
+  return data
+
+
+def to_arrays(source) -> dict[str, np.ndarray]:
+  """Stacks every record of a random-access source into a dict of arrays."""
+  if isinstance(source, dict):
+    return source
+  records = [source[i] for i in range(len(source))]
+  return {k: np.stack([r[k] for r in records]) for k in records[0]}
+
+
+def preference_batches(data, batch_size: int, seed: int, *, shuffle: bool = True) -> grain.MapDataset:
   """An endless, index-addressable grain pipeline of preference batches.
+
+  Args:
+    data: a dict of ``[N, ...]`` arrays, or a random-access source of records
+      (e.g. the TFDS array_record data source of :mod:`tfds_sorting`).
+    batch_size: examples per batch (remainders are dropped).
+    seed: shuffle seed.
+    shuffle: shuffle the records (same order every epoch).
 
   ``ds[step]`` is the batch for ``step``, so a resumed run sees exactly the
   batches it would have seen without interruption.
   """
-  n = len(next(iter(data.values())))
+  records = _as_source(data)
+  n = len(records)
   if not 0 < batch_size <= n:
     raise ValueError(
         f"preference_batches: `batch_size` must be in [1, {n}] (the data set size), got {batch_size}."
     )
-  records = [{k: v[i] for k, v in data.items()} for i in range(n)]
   ds = grain.MapDataset.source(records)
   if shuffle:
     ds = ds.seed(seed).shuffle()
