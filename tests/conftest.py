@@ -1,4 +1,4 @@
-"""Shared test configuration: float32 CPU JAX with two fake devices."""
+"""Shared test configuration: CPU JAX, repo root importable, mask helpers."""
 
 import os
 

@@ -6,7 +6,6 @@ batch; we take the same models' logits, and recompute everything else
 alignjax.
 """
 
-import os
 import string
 
 import numpy as np
