@@ -1,9 +1,11 @@
-"""Shared test configuration: CPU JAX, repo root importable, mask helpers."""
+"""Shared test configuration: CPU JAX with 8 fake devices, repo root importable, mask helpers."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import sys
 from pathlib import Path
