@@ -111,26 +111,65 @@ def tdpo(pol_c, pol_r, ref_c, ref_r, lab_c, lab_r, m_c, m_r, beta, alpha, varian
   return losses, beta * (mc + kc), beta * (mr + kr), kc, kr
 
 
-def aligndistil(pol, ref, dpo_l, rdpo, mask, beta, beta_max, adaptive, divergence, average):
-  B, T, _ = pol.shape
-  losses, coefs = np.zeros(B), np.zeros((B, T))
+def aligndistil(student, dpo_l, contrast, mask, beta, beta2, mode, temperature,
+                length_normalize, divergence="reverse_kl"):
+  """AlignDistil (Zhang et al. 2025, arXiv:2503.02832) as in the authors' trainers.
+
+  Per position, p_d = softmax(z_d), p_c = softmax(z_c):
+    aligndistil:        w = beta2 * sum|p_d - p_c| + 1e-3; z* = z_d + w (z_d - z_c); s = beta / w
+    theorem1:           w = beta / beta2; z* = w z_d + (1 - w) z_c;            s = beta2
+    theorem1_contrast:  w = beta / beta2; z* = z_d + w (z_d - z_c);            s = beta2
+    theorem1_adaptive:  w as aligndistil; z* = w z_d + (1 - w) z_c;            s = beta / w
+  l_t = s * KL(softmax(student) || softmax(z* / temperature)) (forward_kl: KL(teacher || student)).
+  Returns (losses [B], weights [B, T], diagnostics dict of [B] arrays).
+  """
+  student, dpo_l, contrast = (np.asarray(x, np.float64) for x in (student, dpo_l, contrast))
+  B, T, _ = student.shape
+  losses, weights = np.zeros(B), np.zeros((B, T))
+  names = ("mean_weight", "expected_reward", "dpo_expected_reward", "seq_kl_dpo",
+           "token_kl_dpo", "seq_kl_contrast", "token_kl_contrast", "num_tokens")
+  diag = {k: np.zeros(B) for k in names}
   for b in range(B):
     total, n = 0.0, 0
+    acc = {k: 0.0 for k in names}
     for t in range(T):
-      lr = log_softmax(ref[b, t])
-      ld = log_softmax(dpo_l[b, t])
-      lc = lr if rdpo is None else log_softmax(rdpo[b, t])
-      tv = 0.5 * float(np.abs(np.exp(ld) - np.exp(lc)).sum())
-      w = min(beta / max(tv, 1e-8), beta_max) if adaptive else beta
-      coefs[b, t] = w
-      teacher = log_softmax(lr + w * (ld - lc))
-      student = log_softmax(pol[b, t])
-      if divergence == "reverse_kl":
-        d = float(np.sum(np.exp(student) * (student - teacher)))
+      zd, zc = dpo_l[b, t], contrast[b, t]
+      pd = np.exp(zd - zd.max()); pd /= pd.sum()
+      pc = np.exp(zc - zc.max()); pc /= pc.sum()
+      if mode in ("aligndistil", "theorem1_adaptive"):
+        w = beta2 * float(np.sum(np.abs(pd - pc))) + 1e-3
+        s = beta / w
       else:
-        d = float(np.sum(np.exp(teacher) * (teacher - student)))
-      if mask[b, t]:
-        total += d
-        n += 1
-    losses[b] = total / max(n, 1) if average else total
-  return losses, coefs
+        w = beta / beta2
+        s = beta2
+      if mode in ("aligndistil", "theorem1_contrast"):
+        zstar = zd + w * (zd - zc)
+      else:
+        zstar = w * zd + (1.0 - w) * zc
+      weights[b, t] = w
+      lq = log_softmax(zstar / temperature)
+      ls = log_softmax(student[b, t])
+      ps = np.exp(ls)
+      if divergence == "reverse_kl":
+        d = float(np.sum(ps * (ls - lq)))
+      else:
+        d = float(np.sum(np.exp(lq) * (lq - ls)))
+      if not mask[b, t]:
+        continue
+      total += s * d
+      n += 1
+      ld, lc = np.log(pd), np.log(pc)
+      r = beta * (ld - lc)
+      acc["mean_weight"] += w
+      acc["expected_reward"] += float(np.sum(ps * r))
+      acc["dpo_expected_reward"] += float(np.sum(pd * r))
+      acc["seq_kl_dpo"] += float(np.sum(ps * (ls - ld)))
+      acc["seq_kl_contrast"] += float(np.sum(ps * (ls - lc)))
+    losses[b] = total / n if (length_normalize and n) else total
+    for k in ("expected_reward", "dpo_expected_reward", "seq_kl_dpo", "seq_kl_contrast"):
+      diag[k][b] = acc[k]
+    diag["mean_weight"][b] = acc["mean_weight"] / n if n else 0.0
+    diag["token_kl_dpo"][b] = acc["seq_kl_dpo"] / n if n else 0.0
+    diag["token_kl_contrast"][b] = acc["seq_kl_contrast"] / n if n else 0.0
+    diag["num_tokens"][b] = n
+  return losses, weights, diag

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import tensorflow_datasets as tfds
 
+from alignjax.data.files import preference_features
 from alignjax.data.synthetic import SortingTask
-
-_FIELDS = ("tokens", "attention", "response")
 
 
 @dataclasses.dataclass
@@ -41,16 +39,10 @@ class SortingPreferences(tfds.core.GeneratorBasedBuilder):
     return SortingTask(c.num_symbols, c.min_len, c.max_len)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    T = self.task.seq_len
-    features = {}
-    for side in ("chosen", "rejected"):
-      features[f"{side}_tokens"] = tfds.features.Tensor(shape=(T,), dtype=np.int32)
-      features[f"{side}_attention"] = tfds.features.Tensor(shape=(T,), dtype=np.bool_)
-      features[f"{side}_response"] = tfds.features.Tensor(shape=(T,), dtype=np.bool_)
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict(features),
+        features=preference_features(self.task.seq_len),
     )
 
   def _split_generators(self, dl_manager):

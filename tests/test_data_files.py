@@ -1,0 +1,280 @@
+"""Local preference files -> tokenised arrays -> TFDS array_record (alignjax.data.files / tokenize).
+
+References: the tokenizer's own encode (``tokenizers``/transformers), transformers'
+``apply_chat_template(tokenize=True)``, and layouts written out by hand.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from alignjax.data import batch as batch_lib
+from alignjax.data import files
+from alignjax.data import tokenize as tok_lib
+
+WORDS = ("how do you sort the digits please what is two plus three it is five four six "
+         "they are sorted mixed up user assistant : a b c d e f g h").split()
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+PAD, BOS, EOS = 0, 1, 2
+TRANSPARENT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+ROLE_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}assistant : {% endif %}")
+
+ROWS = [
+    {"prompt": "how do you sort the digits", "chosen": "they are sorted", "rejected": "they are mixed up"},
+    {"prompt": "what is two plus three", "chosen": "it is five", "rejected": "it is four"},
+    {"prompt": "sort a b c please", "chosen": "a b c", "rejected": "c b a"},
+]
+
+
+def make_tokenizer_dir(path, chat_template=TRANSPARENT_TEMPLATE, add_bos=None):
+  """A WordLevel tokenizer (BOS added by the post-processor) saved as an HF directory."""
+  import tokenizers
+  from tokenizers import models, pre_tokenizers, processors
+  vocab = {w: i for i, w in enumerate(SPECIALS + list(dict.fromkeys(WORDS)))}
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.add_special_tokens(SPECIALS)
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+  os.makedirs(path, exist_ok=True)
+  tok.save(os.path.join(path, "tokenizer.json"))
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+            "pad_token": "<pad>", "unk_token": "<unk>", "chat_template": chat_template}
+  if add_bos is not None:
+    config["add_bos_token"] = add_bos
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f)
+  return str(path), vocab
+
+
+def write_jsonl(path, rows):
+  with open(path, "w") as f:
+    for r in rows:
+      f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+  return str(path)
+
+
+def write_parquet(path, rows):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.Table.from_pylist(rows), path)
+  return str(path)
+
+
+def tokenize_file(path, tok_dir, **options):
+  tok = tok_lib.load_tokenizer(tok_dir)
+  opts = tok_lib.TokenizeOptions(**{"max_len": 16, **options})
+  return tok_lib.tokenize_pairs(files.read_records(path), tok, opts, source=path)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+  return make_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+
+
+def expected_rows(tok_dir, rows, max_len):
+  """Reference layout from transformers' tokenizer: [BOS]+prompt, response+[EOS], padded."""
+  import transformers
+  hf = transformers.AutoTokenizer.from_pretrained(tok_dir)
+  out = {k: [] for k in batch_lib.PREFERENCE_KEYS}
+  for r in rows:
+    prompt = hf(r["prompt"])["input_ids"]  # add_special_tokens=True: the tokenizer's BOS
+    for side in ("chosen", "rejected"):
+      seq = prompt + hf(r[side], add_special_tokens=False)["input_ids"] + [hf.eos_token_id]
+      pad = max_len - len(seq)
+      out[f"{side}_tokens"].append(seq + [hf.pad_token_id] * pad)
+      out[f"{side}_attention"].append([True] * len(seq) + [False] * pad)
+      out[f"{side}_response"].append([False] * len(prompt) + [True] * (len(seq) - len(prompt)) + [False] * pad)
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def assert_same(a, b):
+  for k in batch_lib.PREFERENCE_KEYS:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+def test_formats_give_identical_arrays_matching_the_tokenizer(tok_dir, tmp_path):
+  tdir, vocab = tok_dir
+  datasets = pytest.importorskip("datasets")
+  jsonl = write_jsonl(tmp_path / "d.jsonl", ROWS)
+  parquet = write_parquet(tmp_path / "d.parquet", ROWS)
+  saved = str(tmp_path / "saved")
+  datasets.Dataset.from_list(ROWS).save_to_disk(saved)
+  chat_rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in ROWS]
+  chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows)
+  implicit = write_jsonl(tmp_path / "implicit.jsonl", [
+      {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in chat_rows])
+  chat_parquet = write_parquet(tmp_path / "chat.parquet", chat_rows)
+
+  results = {p: tokenize_file(p, tdir) for p in (jsonl, parquet, saved, chat, implicit, chat_parquet)}
+  reference = expected_rows(tdir, ROWS, 16)
+  for path, (arrays, report) in results.items():
+    assert report.kept == 3 and report.rows == 3 and not report.dropped, (path, report)
+    assert_same(arrays, reference)
+    np.testing.assert_array_equal(arrays["row"], [0, 1, 2])
+    assert arrays["chosen_tokens"].dtype == np.int32 and arrays["chosen_attention"].dtype == bool
+
+  # Hand-built layout of row 1: <s> what is two plus three | it is five </s> <pad>...
+  v = vocab
+  prompt = [BOS, v["what"], v["is"], v["two"], v["plus"], v["three"]]
+  chosen = prompt + [v["it"], v["is"], v["five"], EOS]
+  arrays = results[jsonl][0]
+  np.testing.assert_array_equal(arrays["chosen_tokens"][1], chosen + [PAD] * (16 - len(chosen)))
+  np.testing.assert_array_equal(arrays["chosen_response"][1], [0] * 6 + [1] * 4 + [0] * 6)
+  np.testing.assert_array_equal(arrays["rejected_attention"][1], [1] * 10 + [0] * 6)
+
+
+def test_chat_template_matches_transformers(tmp_path):
+  import transformers
+  tdir, _ = make_tokenizer_dir(tmp_path / "tok", chat_template=ROLE_TEMPLATE)
+  rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+           "chosen": [{"role": "assistant", "content": r["chosen"]}],
+           "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in ROWS]
+  arrays, report = tokenize_file(write_jsonl(tmp_path / "c.jsonl", rows), tdir, max_len=24)
+  assert report.kept == 3
+  hf = transformers.AutoTokenizer.from_pretrained(tdir)
+
+  def ids(messages, **kw):
+    out = hf.apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+  for i, r in enumerate(rows):
+    n_prompt = len(ids(r["prompt"], add_generation_prompt=True))
+    for side in ("chosen", "rejected"):
+      full = ids(r["prompt"] + r[side])
+      assert full[-1] == EOS  # the template ends turns with EOS: no second EOS is added
+      row = arrays[f"{side}_tokens"][i]
+      np.testing.assert_array_equal(row[: len(full)], full)
+      np.testing.assert_array_equal(row[len(full):], PAD)
+      np.testing.assert_array_equal(np.flatnonzero(arrays[f"{side}_response"][i]), np.arange(n_prompt, len(full)))
+
+
+def test_truncation_keeps_prompt_end_and_response_start(tok_dir, tmp_path):
+  tdir, v = tok_dir
+  rows = [
+      {"prompt": "a b c d e f", "chosen": "it is five", "rejected": "it is four"},  # prompt cut
+      {"prompt": "a", "chosen": "a b c d e f g h", "rejected": "b"},  # chosen cut
+      {"prompt": "a b", "chosen": "c", "rejected": "d"},  # untouched
+  ]
+  arrays, report = tokenize_file(write_jsonl(tmp_path / "t.jsonl", rows), tdir, max_len=8, max_prompt_len=4)
+  assert (report.kept, report.truncated, report.truncated_prompt, report.truncated_response) == (3, 2, 1, 1)
+  # Row 0: BOS kept, then the prompt's last 3 words; the response fits.
+  np.testing.assert_array_equal(arrays["chosen_tokens"][0], [BOS, v["d"], v["e"], v["f"], v["it"], v["is"], v["five"], EOS])
+  # Row 1: prompt [BOS a], chosen keeps its first 6 tokens (no EOS: it was cut), rejected intact.
+  np.testing.assert_array_equal(arrays["chosen_tokens"][1], [BOS, v["a"], v["a"], v["b"], v["c"], v["d"], v["e"], v["f"]])
+  np.testing.assert_array_equal(arrays["rejected_tokens"][1], [BOS, v["a"], v["b"], EOS, PAD, PAD, PAD, PAD])
+  np.testing.assert_array_equal(arrays["chosen_response"][1], [0, 0, 1, 1, 1, 1, 1, 1])
+
+  # "drop" policies, and no prompt limit: the same rows are dropped as too_long.
+  _, report = tokenize_file(write_jsonl(tmp_path / "t.jsonl", rows), tdir, max_len=8, max_prompt_len=4,
+                            prompt_truncation="drop", response_truncation="drop")
+  assert report.kept == 1 and report.dropped == {"too_long": 2} and report.row_numbers["too_long"] == [0, 1]
+  _, report = tokenize_file(write_jsonl(tmp_path / "t.jsonl", rows), tdir, max_len=7)
+  assert report.dropped == {"too_long": 1} and report.row_numbers["too_long"] == [0]  # prompt of 7 fills T
+
+
+def test_malformed_rows_are_counted_with_row_numbers(tok_dir, tmp_path):
+  tdir, _ = tok_dir
+  lines = [
+      {"prompt": "a", "chosen": "b", "rejected": "c"},         # 0 ok
+      {"prompt": "a", "chosen": "b"},                          # 1 missing rejected
+      {"prompt": "a", "chosen": 3, "rejected": "b"},           # 2 bad type
+      {"prompt": "a", "chosen": "  ", "rejected": "b"},        # 3 empty response
+      {"prompt": "a", "chosen": "b c", "rejected": "b c"},     # 4 identical
+      "{not json",                                              # 5 invalid json
+      "",                                                       # 6 blank line: skipped, not a row
+      {"chosen": "b", "rejected": "c"},                         # 7 missing prompt
+      {"prompt": "a", "chosen": "b c d e f g h", "rejected": "b c d e f g a"},  # 8 same after truncation
+      {"prompt": "a", "chosen": "e", "rejected": "f"},          # 9 ok
+      {"prompt": "a", "chosen": "b", "rejected": [1, 2]},       # 10 bad type
+  ]
+  arrays, report = tokenize_file(write_jsonl(tmp_path / "m.jsonl", lines), tdir, max_len=8)
+  assert report.rows == 10 and report.kept == 2
+  np.testing.assert_array_equal(arrays["row"], [0, 9])
+  assert report.dropped == {"missing_field": 2, "bad_type": 2, "empty_response": 1, "identical": 1,
+                            "invalid_json": 1, "identical_after_truncation": 1}
+  assert report.row_numbers == {"missing_field": [1, 7], "bad_type": [2, 10], "empty_response": [3],
+                                "identical": [4], "invalid_json": [5], "identical_after_truncation": [8]}
+  assert "2/10 pairs kept" in report.summary()
+
+
+def test_no_usable_row_is_a_one_line_error(tok_dir, tmp_path):
+  tdir, _ = tok_dir
+  path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "b"}, {"x": 1}])
+  cfg = files.PreferenceFileConfig(path=path, tokenizer_dir=tdir, max_len=8)
+  with pytest.raises(ValueError, match="no usable row in .*bad.jsonl") as e:
+    files.load_preference_file(cfg, data_dir=str(tmp_path / "data"))
+  assert "\n" not in str(e.value)
+
+
+def test_config_validation(tok_dir):
+  tdir, _ = tok_dir
+  with pytest.raises(ValueError, match="max_prompt_len"):
+    files.PreferenceFileConfig(path="x.jsonl", tokenizer_dir=tdir, max_len=8, max_prompt_len=8)
+  with pytest.raises(ValueError, match="format"):
+    files.PreferenceFileConfig(path="x.jsonl", tokenizer_dir=tdir, max_len=8, format="csv")
+  with pytest.raises(ValueError, match="prompt_truncation"):
+    files.PreferenceFileConfig(path="x.jsonl", tokenizer_dir=tdir, max_len=8, prompt_truncation="keep_start")
+
+
+def test_tfds_round_trip_and_cache_hit(tok_dir, tmp_path, monkeypatch):
+  tdir, _ = tok_dir
+  rows = ROWS + [{"prompt": "a", "chosen": "b", "rejected": "b"}]
+  path = write_jsonl(tmp_path / "d.jsonl", rows)
+  data_dir = str(tmp_path / "data")
+  cfg = files.PreferenceFileConfig(path=path, tokenizer_dir=tdir, max_len=16, max_prompt_len=8)
+  with pytest.raises(ValueError, match="build=False"):
+    files.load_preference_file(cfg, data_dir=data_dir, build=False)
+  source, report = files.load_preference_file(cfg, data_dir=data_dir)
+  assert not report.cached and report.kept == 3 and report.row_numbers == {"identical": [3]}
+  assert len(source) == 3
+  reference = expected_rows(tdir, ROWS, 16)
+  got = {k: np.stack([source[i][k] for i in range(3)]) for k in source[0]}
+  assert_same(got, reference)
+  np.testing.assert_array_equal(got["row"], [0, 1, 2])
+
+  # Same inputs: opened from disk, the tokenizer never runs; the report comes back too.
+  def fail(*a, **k):
+    raise AssertionError("tokenize_pairs called on a cache hit")
+  monkeypatch.setattr(tok_lib, "tokenize_pairs", fail)
+  source2, report2 = files.load_preference_file(cfg, data_dir=data_dir, build=False)
+  assert report2.cached and report2.kept == 3 and report2.row_numbers == {"identical": [3]}
+  assert_same({k: np.stack([source2[i][k] for i in range(3)]) for k in source2[0]}, reference)
+  # Another length, or changed content, is another data set (tokenised again).
+  with pytest.raises(AssertionError, match="cache hit"):
+    files.load_preference_file(files.PreferenceFileConfig(path=path, tokenizer_dir=tdir, max_len=12), data_dir=data_dir)
+  write_jsonl(path, rows[:2])
+  with pytest.raises(AssertionError, match="cache hit"):
+    files.load_preference_file(cfg, data_dir=data_dir)
+
+
+def test_save_to_disk_dataset_dict_split(tok_dir, tmp_path):
+  tdir, _ = tok_dir
+  datasets = pytest.importorskip("datasets")
+  saved = str(tmp_path / "dd")
+  datasets.DatasetDict(train=datasets.Dataset.from_list(ROWS), test=datasets.Dataset.from_list(ROWS[:1])).save_to_disk(saved)
+  records = list(files.read_records(saved, split="test"))
+  assert records == [(0, ROWS[0])]
+  with pytest.raises(ValueError, match="split"):
+    list(files.read_records(saved))
+
+
+def test_add_bos_token_false_in_config_means_no_bos(tmp_path):
+  tdir, v = make_tokenizer_dir(tmp_path / "tok", add_bos=False)
+  tok = tok_lib.load_tokenizer(tdir)
+  assert tok.prompt_prefix == [] and (tok.bos_id, tok.eos_id, tok.pad_id) == (BOS, EOS, PAD)
+  rows = [{"prompt": "a b", "chosen": "c", "rejected": "d"}]
+  arrays, _ = tokenize_file(write_jsonl(tmp_path / "x.jsonl", rows), tdir, max_len=6)
+  np.testing.assert_array_equal(arrays["chosen_tokens"][0], [v["a"], v["b"], v["c"], EOS, PAD, PAD])
+  np.testing.assert_array_equal(arrays["chosen_response"][0], [0, 0, 1, 1, 0, 0])
+
+
+def test_chat_rows_without_a_chat_template_fail_clearly(tmp_path):
+  tdir, _ = make_tokenizer_dir(tmp_path / "tok", chat_template=None)
+  rows = [{"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}]
+  with pytest.raises(ValueError, match="no chat template"):
+    tokenize_file(write_jsonl(tmp_path / "x.jsonl", rows), tdir)
