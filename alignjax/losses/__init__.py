@@ -11,6 +11,7 @@ from alignjax.losses.aligndistil import (
     aligndistil_teacher,
 )
 from alignjax.losses.logprobs import (
+    chunked_token_logprobs,
     masked_mean,
     masked_sum,
     sequence_kl,
@@ -52,6 +53,7 @@ __all__ = [
     "TDPOStats",
     "aligndistil_loss",
     "aligndistil_teacher",
+    "chunked_token_logprobs",
     "dpo_loss",
     "exponential",
     "gpo_function",

@@ -146,3 +146,91 @@ def sequence_kl(p_logits, q_logits, mask, *, average: bool = False) -> Array:
   _checks.check_mask(fn, "mask", mask, "p_logits[..., 0]", _checks.shape_of(p_logits)[:2])
   kl = token_kl(p_logits, q_logits)
   return masked_mean(kl, mask) if average else masked_sum(kl, mask)
+
+
+def _chunk_stats(unembed, hidden_chunk, labels_chunk, with_entropy: bool):
+  """Label log-prob (and entropy) of one ``[B, C, D]`` chunk; logits live only here."""
+  logits = _f32(unembed(hidden_chunk))
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  safe = jnp.where(labels_chunk < 0, 0, labels_chunk)
+  picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+  logp = picked - lse
+  if not with_entropy:
+    return logp, None
+  probs = jnp.exp(logits - lse[..., None])
+  entropy = lse - jnp.sum(probs * logits, axis=-1)
+  return logp, entropy
+
+
+def chunked_token_logprobs(
+    hidden, labels, unembed, *, chunk_size: int, return_entropy: bool = False
+):
+  """Per-token label log-probs computed chunk by chunk over T, never holding ``[B, T, V]``.
+
+  Equivalent to ``token_logprobs(unembed(hidden), labels)`` (and
+  ``token_entropy(unembed(hidden))``), but the sequence is cut into chunks of
+  ``chunk_size`` positions; each chunk's logits are formed, reduced to one
+  number per position and dropped inside a ``lax.scan`` whose body is wrapped
+  in ``jax.checkpoint``. Neither the forward nor the backward pass then holds
+  more than ``[B, chunk_size, V]`` logits at once (the backward recomputes each
+  chunk's logits from its hidden states). Math is float32 whatever the compute
+  dtype of ``unembed``.
+
+  Args:
+    hidden: ``[B, T, D]`` final-normed hidden states (e.g. ``model(tokens,
+      return_hidden=True)``); ``hidden[:, t]`` scores ``labels[:, t]``.
+    labels: ``[B, T]`` integer ids. Negative ids (ignore markers) are scored as
+      id 0; mask those positions out downstream.
+    unembed: callable mapping ``[..., C, D]`` hidden states to ``[..., C, V]``
+      logits (e.g. ``model.unembed``); gradients flow to the weights it closes over.
+    chunk_size: positions per chunk (> 0). ``T`` need not be a multiple: the
+      last chunk is padded and the padding dropped.
+    return_entropy: also return per-position entropy of ``softmax(logits)`` in nats.
+
+  Returns:
+    ``logprobs [B, T]`` float32, or ``(logprobs, entropy)`` with both ``[B, T]``
+    float32 when ``return_entropy``.
+  """
+  fn = "chunked_token_logprobs"
+  _checks.check_rank(fn, "hidden", hidden, 3, "[B, T, D]")
+  _checks.check_rank(fn, "labels", labels, 2, "[B, T]")
+  _checks.check_integer(fn, "labels", labels)
+  if _checks.shape_of(hidden)[:2] != _checks.shape_of(labels):
+    raise ValueError(
+        f"{fn}: `hidden` {_checks.shape_of(hidden)} and `labels` {_checks.shape_of(labels)} "
+        "disagree on [B, T]; hidden[:, t] must score labels[:, t]."
+    )
+  if not callable(unembed):
+    raise TypeError(f"{fn}: `unembed` must be a callable hidden [..., D] -> logits [..., V], "
+                    f"got {type(unembed).__name__}.")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"{fn}: `chunk_size` must be a positive int, got {chunk_size!r}.")
+
+  hidden = jnp.asarray(hidden)
+  labels = jnp.asarray(labels)
+  batch, length, dim = hidden.shape
+  chunk = min(chunk_size, length) if length > 0 else 1
+  num_chunks = -(-length // chunk)
+  pad = num_chunks * chunk - length
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    labels = jnp.pad(labels, ((0, 0), (0, pad)))
+  # [B, n*C, ...] -> [n, B, C, ...]: scan over chunks.
+  hidden_c = hidden.reshape(batch, num_chunks, chunk, dim).swapaxes(0, 1)
+  labels_c = labels.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def body_stats(h, lab):
+    return _chunk_stats(unembed, h, lab, return_entropy)
+
+  def body(carry, xs):
+    return carry, body_stats(*xs)
+
+  _, (logp, entropy) = jax.lax.scan(body, None, (hidden_c, labels_c))
+
+  def unchunk(x):
+    return x.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
+
+  if not return_entropy:
+    return unchunk(logp)
+  return unchunk(logp), unchunk(entropy)

@@ -1,0 +1,392 @@
+"""The one decoder: attention (GQA, RoPE variants, sliding windows, soft-capping), MLPs,
+norms and a static KV cache, driven by `ModelConfig`.
+
+It computes what transformers computes for Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 and
+GPT-2 (see `alignjax.models.families` for the config and weight adapters). Every
+parameter carries logical axis names (metadata key ``out_sharding``, never mesh axes);
+`alignjax.sharding` maps them to the mesh with one rule table.
+
+References: RoPE (Su et al. 2021, "RoFormer", arXiv:2104.09864, Eq. 34, half-split layout
+as in transformers); grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245);
+Llama 3.1 RoPE scaling (Meta 2024, "The Llama 3 Herd of Models", arXiv:2407.21783);
+Gemma 2 soft-capping, local/global layers and pre+post norms (Gemma Team 2024,
+arXiv:2408.00118); GPT-2 (Radford et al. 2019).
+
+Padding: positions default to ``cumsum(mask) - 1`` and padded keys are never attended to,
+so a left- or right-padded row scores exactly like the unpadded row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from alignjax.models.config import ModelConfig
+
+_NEG = float(np.finfo(np.float32).min)
+
+
+def _param(rngs: nnx.Rngs | None, shape, names, dtype, *, init: str = "normal", std=0.02):
+  """An nnx.Param with logical axis names (not eagerly sharded)."""
+  if init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class KVCache(NamedTuple):
+  """Static-shape KV cache.
+
+  k, v: tuples (one entry per layer) of [B, S, Hkv, Dh] arrays in the compute dtype;
+  positions [B, S] int32 (position of each written slot); valid [B, S] bool (slot holds a
+  real token); length: int32 scalar, slots written so far (same for every row).
+  """
+  k: tuple
+  v: tuple
+  positions: jax.Array
+  valid: jax.Array
+  length: jax.Array
+
+
+# ---------------------------------------------------------------------------- numerics
+def _activation(name: str):
+  return {
+      "silu": jax.nn.silu,
+      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+      "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+      "relu": jax.nn.relu,
+  }[name]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies [Dh/2] in float32, as transformers' rope init functions.
+
+  "default": θ^(-2i/d); "linear": divided by the factor; "llama3": Llama 3.1's
+  wavelength-dependent interpolation (low frequencies / factor, smooth in between).
+  """
+  dim = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  inv = inv.astype(np.float32)
+  if cfg.rope_type == "linear":
+    inv = (inv / np.float32(cfg.rope_factor)).astype(np.float32)
+  elif cfg.rope_type == "llama3":
+    factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old = cfg.rope_original_max_position_embeddings
+    lo_wavelen, hi_wavelen = old / lo, old / hi
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > lo_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
+    inv = np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotary embedding, half-split layout: x [B,T,H,Dh], positions [B,T]."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  cos = jnp.cos(emb).astype(x.dtype)[:, :, None]
+  sin = jnp.sin(emb).astype(x.dtype)[:, :, None]
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+class Norm(nnx.Module):
+  """RMSNorm (x·w, or Gemma's x·(1+w)) or LayerNorm, over the last axis, math in float32."""
+
+  def __init__(self, dim: int, cfg: ModelConfig, *, names=("norm",)):
+    self.kind = cfg.norm_type
+    self.eps = cfg.norm_eps
+    pdt = jnp.dtype(cfg.param_dtype)
+    init = "zeros" if self.kind == "rms_one_plus" else "ones"
+    self.scale = _param(None, (dim,), names, pdt, init=init)
+    self.bias = _param(None, (dim,), names, pdt, init="zeros") if self.kind == "layernorm" else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      mean = xf.mean(-1, keepdims=True)
+      var = jnp.square(xf - mean).mean(-1, keepdims=True)
+      y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+      return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
+    if self.kind == "rms_one_plus":  # Gemma: (x * (1 + w)) in float32, then cast.
+      return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+    # Llama: cast the normalised x to the input dtype, then multiply by the weight.
+    return (self.scale[...] * y.astype(x.dtype)).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------- blocks
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.window = cfg.layer_window(layer)
+    self.q = _param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), pdt)
+    self.k = _param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), pdt)
+    self.v = _param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), pdt)
+    self.o = _param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), pdt)
+    if cfg.qkv_bias:
+      self.q_bias = _param(None, (H, Dh), ("heads", "head_dim"), pdt, init="zeros")
+      self.k_bias = _param(None, (K, Dh), ("kv_heads", "head_dim"), pdt, init="zeros")
+      self.v_bias = _param(None, (K, Dh), ("kv_heads", "head_dim"), pdt, init="zeros")
+    else:
+      self.q_bias = self.k_bias = self.v_bias = None
+    self.o_bias = _param(None, (D,), ("embed",), pdt, init="zeros") if cfg.out_bias else None
+    if cfg.qk_norm:
+      self.q_norm = Norm(Dh, cfg, names=("head_dim",))
+      self.k_norm = Norm(Dh, cfg, names=("head_dim",))
+    else:
+      self.q_norm = self.k_norm = None
+
+  def _proj(self, x, w, b):
+    y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(x.dtype))
+    return y if b is None else y + b[...].astype(x.dtype)
+
+  def __call__(self, x, positions, key_mask, cache_kv=None, cache_index=None):
+    """x [B,T,D]; key_mask [B,T,S] bool; cache_kv: (k, v) [B,S,K,Dh] or None."""
+    cfg = self.cfg
+    q = self._proj(x, self.q, self.q_bias)
+    k = self._proj(x, self.k, self.k_bias)
+    v = self._proj(x, self.v, self.v_bias)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if not cfg.learned_positions:
+      inv_freq = rope_inv_freq(cfg)
+      q = apply_rope(q, positions, inv_freq)
+      k = apply_rope(k, positions, inv_freq)
+    new_kv = None
+    if cache_kv is not None:
+      ck, cv = cache_kv
+      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+      new_kv = (k, v)
+      k, v = k.astype(x.dtype), v.astype(x.dtype)
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * cfg.attention_scale
+    if cfg.attn_logit_softcap is not None:
+      cap = cfg.attn_logit_softcap
+      scores = jnp.tanh(scores / cap) * cap
+    scores = jnp.where(key_mask[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
+    out = checkpoint_name(out, "attention_out")
+    y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(x.dtype))
+    if self.o_bias is not None:
+      y = y + self.o_bias[...].astype(x.dtype)
+    return y, new_kv
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.act = _activation(cfg.activation)
+    self.gate = _param(rngs, (D, F), ("embed", "mlp"), pdt) if cfg.gated_mlp else None
+    self.up = _param(rngs, (D, F), ("embed", "mlp"), pdt)
+    self.down = _param(rngs, (F, D), ("mlp", "embed"), pdt)
+    if cfg.mlp_bias:
+      self.gate_bias = _param(None, (F,), ("mlp",), pdt, init="zeros") if cfg.gated_mlp else None
+      self.up_bias = _param(None, (F,), ("mlp",), pdt, init="zeros")
+      self.down_bias = _param(None, (D,), ("embed",), pdt, init="zeros")
+    else:
+      self.gate_bias = self.up_bias = self.down_bias = None
+
+  @staticmethod
+  def _dense(x, w, b):
+    y = x @ w[...].astype(x.dtype)
+    return y if b is None else y + b[...].astype(x.dtype)
+
+  def __call__(self, x):
+    up = self._dense(x, self.up, self.up_bias)
+    if self.gate is not None:
+      h = self.act(self._dense(x, self.gate, self.gate_bias)) * up
+    else:
+      h = self.act(up)
+    return self._dense(h, self.down, self.down_bias)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    D = cfg.hidden_size
+    self.attn_norm = Norm(D, cfg)
+    self.attn = Attention(cfg, layer, rngs=rngs)
+    self.post_attn_norm = Norm(D, cfg) if cfg.post_norms else None
+    self.mlp_norm = Norm(D, cfg)
+    self.mlp = MLP(cfg, rngs=rngs)
+    self.post_mlp_norm = Norm(D, cfg) if cfg.post_norms else None
+
+  def __call__(self, x, positions, key_mask, cache_kv=None, cache_index=None):
+    h, new_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, cache_index)
+    if self.post_attn_norm is not None:
+      h = self.post_attn_norm(h)
+    x = x + h
+    h = self.mlp(self.mlp_norm(x))
+    if self.post_mlp_norm is not None:
+      h = self.post_mlp_norm(h)
+    return x + h, new_kv
+
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+def _run_block(block, x, positions, key_mask):
+  return block(x, positions, key_mask)[0]
+
+
+# ---------------------------------------------------------------------------- model
+class Transformer(nnx.Module):
+  """Decoder-only transformer for every family in `ModelConfig.family`.
+
+  ``model(tokens [B,T] int32, attention_mask=None, *, positions=None, cache=None,
+  return_hidden=False)`` -> logits [B,T,V] in the compute dtype (or the final-normed hidden
+  [B,T,D] with ``return_hidden``); with a cache -> ``(out, new_cache)``.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    cfg = config
+    self.config = cfg
+    D, V = cfg.hidden_size, cfg.vocab_size
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.embed = _param(rngs, (V, D), ("vocab", "embed"), pdt)
+    self.pos_embed = (_param(rngs, (cfg.max_position_embeddings, D), ("positions", "embed"), pdt)
+                      if cfg.learned_positions else None)
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = Norm(D, cfg)
+    self.lm_head = None if cfg.tie_embeddings else _param(rngs, (D, V), ("embed", "vocab"), pdt)
+
+  # -------------------------------------------------------------- public helpers
+  def unembed(self, hidden: jax.Array) -> jax.Array:
+    """Logits [..., V] from final-normed hidden [..., D] (tied or untied head, final soft-cap)."""
+    if self.lm_head is None:
+      logits = hidden @ self.embed[...].astype(hidden.dtype).T
+    else:
+      logits = hidden @ self.lm_head[...].astype(hidden.dtype)
+    cap = self.config.final_logit_softcap
+    if cap is not None:
+      logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+  def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+    """An empty cache of `max_len` slots per row, in the compute dtype."""
+    cfg = self.config
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(cfg.dtype)
+    zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+                   positions=jnp.zeros((batch_size, max_len), jnp.int32),
+                   valid=jnp.zeros((batch_size, max_len), bool),
+                   length=jnp.zeros((), jnp.int32))
+
+  def embed_tokens(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    cfg = self.config
+    dt = jnp.dtype(cfg.dtype)
+    table = self.embed[...]
+    x = jnp.take(table, tokens, axis=0)
+    if cfg.scale_embeddings:  # sqrt(hidden) rounded to the weights' dtype, as transformers does.
+      x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype=table.dtype)
+    x = x.astype(dt)
+    if self.pos_embed is not None:
+      pos = jnp.clip(positions, 0, cfg.max_position_embeddings - 1)
+      x = x + jnp.take(self.pos_embed[...], pos, axis=0).astype(dt)
+    return x
+
+  # -------------------------------------------------------------- forward
+  def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None, *,
+               positions: jax.Array | None = None, cache: KVCache | None = None,
+               return_hidden: bool = False):
+    cfg = self.config
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+      raise ValueError(f"Transformer: `tokens` must be [B, T], got shape {tokens.shape}.")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise TypeError(f"Transformer: `tokens` must be integer, got {tokens.dtype}.")
+    B, T = tokens.shape
+    if attention_mask is None:
+      mask = jnp.ones((B, T), bool)
+    else:
+      mask = jnp.asarray(attention_mask)
+      if mask.shape != (B, T):
+        raise ValueError(
+            f"Transformer: `attention_mask` must have shape {(B, T)} like `tokens`, got {mask.shape}.")
+      mask = mask.astype(bool)
+    if positions is not None and jnp.shape(positions) != (B, T):
+      raise ValueError(f"Transformer: `positions` must have shape {(B, T)}, got {jnp.shape(positions)}.")
+
+    if cache is None:
+      if positions is None:
+        positions = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
+      positions = positions.astype(jnp.int32)
+      k_pos, k_valid = positions, mask
+      q_slot = jnp.arange(T)
+      k_slot = jnp.arange(T)
+      cache_index = None
+    else:
+      S = cache.valid.shape[1]
+      if cache.valid.shape[0] != B:
+        raise ValueError(f"Transformer: cache batch {cache.valid.shape[0]} != tokens batch {B}.")
+      if T > S:
+        raise ValueError(f"Transformer: {T} new tokens exceed the cache's {S} slots.")
+      if positions is None:
+        count = cache.valid.sum(axis=-1, dtype=jnp.int32)
+        positions = count[:, None] + jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
+      positions = positions.astype(jnp.int32)
+      cache_index = cache.length
+      k_pos = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache_index))
+      k_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache_index))
+      q_slot = cache_index + jnp.arange(T)
+      k_slot = jnp.arange(S)
+
+    causal = (k_slot[None, :] <= q_slot[:, None])[None]  # [1,T,S]
+    base = causal & k_valid[:, None, :] & (k_pos[:, None, :] <= positions[:, :, None])
+    windows = {cfg.layer_window(i) for i in range(cfg.num_layers)}
+    key_masks = {}
+    for w in windows:
+      if w is None:
+        key_masks[w] = base
+      else:
+        key_masks[w] = base & (positions[:, :, None] - k_pos[:, None, :] < w)
+
+    x = self.embed_tokens(tokens, positions)
+    new_k, new_v = [], []
+    for i, block in enumerate(self.layers):
+      key_mask = key_masks[cfg.layer_window(i)]
+      if cache is None:
+        if cfg.remat != "none":
+          fn = nnx.remat(_run_block, policy=_REMAT[cfg.remat])
+          x = fn(block, x, positions, key_mask)
+        else:
+          x, _ = block(x, positions, key_mask)
+      else:
+        x, (k, v) = block(x, positions, key_mask, (cache.k[i], cache.v[i]), cache_index)
+        new_k.append(k)
+        new_v.append(v)
+    x = self.final_norm(x)
+    out = x if return_hidden else self.unembed(x)
+    if cache is None:
+      return out
+    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), positions=k_pos, valid=k_valid,
+                        length=(cache.length + T).astype(jnp.int32))
+    return out, new_cache
