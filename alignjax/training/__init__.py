@@ -1,4 +1,13 @@
-"""Training steps for preference optimisation."""
+"""Training for preference optimisation.
+
+New code uses the functional API: :mod:`alignjax.training.objectives` (the loss
+table and ``LossConfig``), :mod:`alignjax.training.steps` (jitted train/eval steps
+over a pytree state) and :mod:`alignjax.training.reference` (reference modes).
+The names re-exported below from :mod:`alignjax.training.preference` are the
+earlier NNX-object API, kept working while callers move over.
+"""
+
+from alignjax.training import objectives, reference, steps
 
 from alignjax.training.preference import (
     LOSS_NAMES,
@@ -13,6 +22,9 @@ from alignjax.training.preference import (
 )
 
 __all__ = [
+    "objectives",
+    "reference",
+    "steps",
     "LOSS_NAMES",
     "LossConfig",
     "check_batch",

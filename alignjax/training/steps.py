@@ -1,0 +1,329 @@
+"""Jitted, functional train/eval steps over a pytree train state (MaxText/Tunix style).
+
+The NNX model is split once into a static graphdef (closed over by the step) and
+its parameters; the step is a pure ``jax.jit`` function of pytrees, so
+``step.lower(abstract_state, abstract_batch, abstract_frozen)`` works for AOT
+compilation on any topology.
+
+API (exact signatures)::
+
+  TrainState(step: int32[], params: nnx.State, opt_state: optax.OptState, skipped: int32[])
+
+  init_state(model, tx, *, mesh=None) -> TrainState
+      Copies of ``model``'s ``nnx.Param`` arrays + ``tx.init``; placed on ``mesh``
+      with :func:`state_shardings` when given.
+  abstract_state(model, tx) -> TrainState of jax.ShapeDtypeStruct (no allocation)
+  state_shardings(model, tx, mesh) -> TrainState of NamedSharding
+      params from ``alignjax.sharding.model_shardings``; optimizer leaves that mirror a
+      parameter (same path suffix and shape) get its sharding, the rest replicated.
+  update_model(model, state) -> model     writes ``state.params`` back into ``model``
+
+  make_train_step(model, tx, loss_cfg, reference, *, mesh=None, grad_accum=1,
+                  max_grad_norm=None, compute_dtype=None, skip_nonfinite=False,
+                  chunk_size=128, donate=True)
+      -> jitted ``train_step(state, batch, frozen) -> (state, metrics)``
+  make_eval_step(model, loss_cfg, reference, *, mesh=None, compute_dtype=None,
+                 chunk_size=128)
+      -> jitted ``eval_step(params, batch, frozen) -> metrics``
+  make_reference_logps_fn(model, *, chunk_size=128, mesh=None)
+      -> jitted ``fn(params, batch) -> {reference_{chosen,rejected}_{logps,mean_logps}: [B]}``
+
+Arguments:
+  model: the policy ``nnx.Module`` (only its graph and non-parameter state are used
+    by ``make_*``; remat follows the model's own config, e.g. ``ModelConfig.remat``).
+  tx: an ``optax.GradientTransformation`` (schedules inside it count applied updates).
+  loss_cfg: :class:`alignjax.training.objectives.LossConfig`.
+  reference: a :class:`alignjax.training.reference.Reference` (the first element of
+    ``reference.online(ref_model)``, ``teachers(dpo=, contrast=)``, ``precomputed()``,
+    ``free()`` or ``none()``); the second element, ``frozen`` (dict name -> nnx.State of
+    frozen parameters; ``{}`` when there are none), is the step's third argument. It is
+    not donated and has no optimizer state.
+  batch: the preference batch of ``alignjax.data.batch`` ([B, T] arrays; plus
+    ``reference_*`` keys in precomputed mode). ``B`` must divide by ``grad_accum``.
+  mesh: ``jax.sharding.Mesh`` (axes data/fsdp/tensor) or None for one device; with a
+    mesh the state is sharded with the rule table and the batch over ``batch_sharding``.
+  grad_accum: micro-batches per step (``lax.scan``; equals one big batch exactly:
+    losses are ``sum(w l) / sum(w)`` over the whole batch).
+  max_grad_norm: global-norm clipping of the accumulated gradient (None: off).
+  compute_dtype: e.g. ``jnp.bfloat16``: parameters are cast for the forward/backward
+    while ``state.params`` (the master weights) keep their dtype (float32).
+  skip_nonfinite: when the loss or gradient norm is not finite, keep params and
+    optimizer state unchanged and count it in ``state.skipped``.
+  chunk_size: positions per chunk for label log-probs (no float32 [B, T, V]).
+
+Metrics (scalars): ``loss``, ``grad_norm`` (before clipping), ``finite`` (bool),
+``skipped`` (cumulative count), ``tokens`` (non-pad tokens in the batch), ``step``,
+and the objective's per-example metrics averaged (``rewards/*``, ``logps/*``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from alignjax.data import batch as batch_lib
+from alignjax.training import objectives as objectives_lib
+from alignjax.training import reference as reference_lib
+
+
+class TrainState(NamedTuple):
+  """The train state pytree; the model's graphdef stays static inside the step."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  skipped: jax.Array
+
+
+def _split(model):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, rest
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, *, mesh=None) -> TrainState:
+  """Fresh :class:`TrainState` from ``model``'s parameters (sharded over ``mesh`` if given)."""
+  _, params, _ = _split(model)
+  # Copies, so donating the state never deletes the model's own buffers.
+  params = jax.tree.map(jnp.copy, params)
+  if mesh is None:
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((), jnp.int32))
+  shardings = state_shardings(model, tx, mesh)
+  params = jax.device_put(params, shardings.params)
+  init = jax.jit(tx.init, out_shardings=shardings.opt_state)
+  zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), shardings.step)  # distinct buffers (donation)
+  return TrainState(zero(), params, init(params), zero())
+
+
+def abstract_state(model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
+  """:class:`TrainState` of ``jax.ShapeDtypeStruct`` (for AOT lowering); allocates nothing new."""
+  _, params, _ = _split(model)
+  abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  return TrainState(scalar, abstract(params), jax.eval_shape(tx.init, abstract(params)), scalar)
+
+
+def _path_key(path) -> tuple:
+  keys = []
+  for k in path:
+    name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+    keys.append(name)
+  if keys and keys[-1] == "value":
+    keys = keys[:-1]
+  return tuple(keys)
+
+
+def _param_shardings(model, mesh):
+  from alignjax import sharding as sharding_lib  # noqa: PLC0415 (optional until a mesh is used)
+  _, params, _ = _split(model)
+  by_path = {_path_key(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+      sharding_lib.model_shardings(model, mesh))[0]}
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def pick(path, x):
+    s = by_path.get(_path_key(path), replicated)
+    return s
+  return jax.tree_util.tree_map_with_path(pick, params)
+
+
+def state_shardings(model: nnx.Module, tx: optax.GradientTransformation, mesh) -> TrainState:
+  """:class:`TrainState` of ``NamedSharding`` for ``mesh`` (see the module docstring)."""
+  param_sh = _param_shardings(model, mesh)
+  abstract = abstract_state(model, tx)
+  flat_params = [(_path_key(p), x.shape, s) for (p, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(abstract.params)[0], jax.tree.leaves(param_sh))]
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def pick(path, x):
+    key = _path_key(path)
+    for pkey, shape, s in flat_params:
+      if tuple(x.shape) == tuple(shape) and len(key) >= len(pkey) and key[len(key) - len(pkey):] == pkey:
+        return s
+    return replicated
+  opt_sh = jax.tree_util.tree_map_with_path(pick, abstract.opt_state)
+  return TrainState(replicated, param_sh, opt_sh, replicated)
+
+
+def update_model(model: nnx.Module, state: TrainState) -> nnx.Module:
+  """Writes ``state.params`` into ``model`` (in place) and returns it."""
+  nnx.update(model, state.params)
+  return model
+
+
+def _caster(compute_dtype) -> Optional[Callable]:
+  if compute_dtype is None:
+    return None
+  dtype = jnp.dtype(compute_dtype)
+
+  def cast(tree):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  return cast
+
+
+def _batch_sharding(mesh):
+  if mesh is None:
+    return None
+  from alignjax import sharding as sharding_lib  # noqa: PLC0415
+  return sharding_lib.batch_sharding(mesh, ndim=1)  # a prefix spec: fits [B] and [B, T] leaves
+
+
+def _frozen_shardings(reference, mesh):
+  if mesh is None:
+    return None
+  shardings = getattr(reference, "shardings", None)
+  return dict(shardings) if shardings else None
+
+
+def _loss_terms(graphdef, rest, cfg, reference, objective, cast, chunk_size):
+  """``fn(params, batch, frozen) -> (sum(w l), (sum(w), per-example metrics))``."""
+
+  def fn(params, batch, frozen):
+    p = cast(params) if cast is not None else params
+    policy = nnx.merge(graphdef, p, rest)
+    frozen_models = reference.merge(frozen, cast)
+    ctx = objectives_lib.Context(policy, frozen_models, reference, chunk_size)
+    out = objective.fn(cfg, ctx, batch)
+    w = out.weights.astype(jnp.float32)
+    return jnp.sum(out.losses * w), (jnp.sum(w), out.metrics)
+  return fn
+
+
+def _tokens(batch):
+  return sum(jnp.sum(jnp.asarray(batch[batch_lib.key(s, "attention")]).astype(jnp.float32))
+             for s in batch_lib.SIDES)
+
+
+def make_train_step(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    loss_cfg: objectives_lib.LossConfig,
+    reference: reference_lib.Reference,
+    *,
+    mesh=None,
+    grad_accum: int = 1,
+    max_grad_norm: Optional[float] = None,
+    compute_dtype=None,
+    skip_nonfinite: bool = False,
+    chunk_size: int = 128,
+    donate: bool = True,
+):
+  """Jitted ``train_step(state, batch, frozen) -> (state, metrics)``; see the module docstring."""
+  if not isinstance(loss_cfg, objectives_lib.LossConfig):
+    raise TypeError(f"make_train_step: `loss_cfg` must be an objectives.LossConfig, got {type(loss_cfg).__name__}.")
+  if not isinstance(reference, reference_lib.Reference):
+    raise TypeError(f"make_train_step: `reference` must be a reference.Reference, got {type(reference).__name__}.")
+  if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+    raise ValueError(f"make_train_step: `grad_accum` must be an int >= 1, got {grad_accum!r}.")
+  if max_grad_norm is not None and not max_grad_norm > 0:
+    raise ValueError(f"make_train_step: `max_grad_norm` must be > 0 or None, got {max_grad_norm}.")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"make_train_step: `chunk_size` must be a positive int, got {chunk_size!r}.")
+  objective = objectives_lib.get(loss_cfg.name)
+  reference_lib.check_compatible(reference, objective)
+  graphdef, _, rest = _split(model)
+  cast = _caster(compute_dtype)
+  terms = _loss_terms(graphdef, rest, loss_cfg, reference, objective, cast, chunk_size)
+  grad_fn = jax.value_and_grad(terms, has_aux=True)
+  k = grad_accum
+
+  def train_step(state: TrainState, batch, frozen):
+    b, _ = batch_lib.check_preference_batch(batch)
+    if b % k:
+      raise ValueError(f"train_step: batch size {b} must be divisible by `grad_accum` {k}.")
+    batch = {name: jnp.asarray(v) for name, v in batch.items()}
+    if k == 1:
+      (lw, (w, metrics)), grads = grad_fn(state.params, batch, frozen)
+      metrics = jax.tree.map(jnp.mean, metrics)
+    else:
+      # Micro-batch i takes rows i, i+k, ...: every micro-batch spans all data shards.
+      micro = jax.tree.map(lambda x: x.reshape((b // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(carry, mb):
+        g_acc, lw_acc, w_acc = carry
+        (lw, (w, m)), g = grad_fn(state.params, mb, frozen)
+        return (jax.tree.map(jnp.add, g_acc, g), lw_acc + lw, w_acc + w), m
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, lw, w), metrics = jax.lax.scan(body, (zeros, jnp.zeros(()), jnp.zeros(())), micro)
+      metrics = jax.tree.map(jnp.mean, metrics)
+    denom = jnp.maximum(w, 1e-12)
+    loss = lw / denom
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.global_norm(grads)
+    if max_grad_norm is not None:
+      scale = jnp.minimum(1.0, max_grad_norm / jnp.maximum(grad_norm, 1e-12))
+      grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    skipped = state.skipped
+    if skip_nonfinite:
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+      skipped = skipped + (~finite).astype(jnp.int32)
+    new_state = TrainState(state.step + 1, params, opt_state, skipped)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite, skipped=skipped,
+                   tokens=_tokens(batch), step=new_state.step)
+    return new_state, metrics
+
+  jit_kwargs = {"donate_argnums": (0,) if donate else ()}
+  if mesh is not None:
+    shardings = state_shardings(model, tx, mesh)
+    data = _batch_sharding(mesh)
+    jit_kwargs["in_shardings"] = (shardings, data, _frozen_shardings(reference, mesh))
+    jit_kwargs["out_shardings"] = (shardings, None)
+  return jax.jit(train_step, **jit_kwargs)
+
+
+def make_eval_step(
+    model: nnx.Module,
+    loss_cfg: objectives_lib.LossConfig,
+    reference: reference_lib.Reference,
+    *,
+    mesh=None,
+    compute_dtype=None,
+    chunk_size: int = 128,
+):
+  """Jitted ``eval_step(params, batch, frozen) -> metrics`` (``loss`` and the objective's metrics)."""
+  objective = objectives_lib.get(loss_cfg.name)
+  reference_lib.check_compatible(reference, objective)
+  graphdef, _, rest = _split(model)
+  terms = _loss_terms(graphdef, rest, loss_cfg, reference, objective, _caster(compute_dtype), chunk_size)
+
+  def eval_step(params, batch, frozen):
+    batch_lib.check_preference_batch(batch)
+    lw, (w, metrics) = terms(params, dict(batch), frozen)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    return dict(metrics, loss=lw / jnp.maximum(w, 1e-12), tokens=_tokens(batch))
+
+  kwargs = {}
+  if mesh is not None:
+    from alignjax import sharding as sharding_lib  # noqa: PLC0415
+    kwargs["in_shardings"] = (None, _batch_sharding(mesh), _frozen_shardings(reference, mesh))
+  return jax.jit(eval_step, **kwargs)
+
+
+def make_reference_logps_fn(model: nnx.Module, *, chunk_size: int = 128, mesh=None):
+  """Jitted ``fn(params, batch) -> {reference_{side}_{logps,mean_logps}: [B] float32}``.
+
+  The pass :func:`alignjax.training.reference.precompute` runs once over a data set.
+  """
+  graphdef, _, rest = _split(model)
+
+  def fn(params, batch):
+    m = nnx.merge(graphdef, params, rest)
+    tokens, attention, mask = objectives_lib.pair_inputs(batch)
+    lp = objectives_lib.label_logprobs(m, tokens, attention, chunk_size=chunk_size)
+    out = {}
+    for kind, average in (("logps", False), ("mean_logps", True)):
+      c, r = batch_lib.split_pair(objectives_lib._reduce(lp, mask, average))
+      out[f"reference_chosen_{kind}"], out[f"reference_rejected_{kind}"] = c, r
+    return out
+
+  kwargs = {}
+  if mesh is not None:
+    kwargs["in_shardings"] = (None, _batch_sharding(mesh))
+  return jax.jit(fn, **kwargs)
