@@ -1,0 +1,16 @@
+"""Decoding: one jit-compiled sampler with a static KV cache, token masks, DFA
+constraints and decoding-time alignment (logit combination of several models).
+
+``generate(model, prompt_tokens, prompt_mask, *, max_new_tokens, ...)`` is the entry point;
+see :mod:`alignjax.decoding.sampler` for the semantics.
+"""
+
+from alignjax.decoding.combine import LogitMixture, combine_logits, dera, mixture, proxy_tuning
+from alignjax.decoding.constraints import TokenDFA, dfa_from_sequences, token_dfa
+from alignjax.decoding.processors import sampling_logits, top_k_top_p_filter
+from alignjax.decoding.sampler import GenerateOutput, generate
+
+__all__ = [
+    "GenerateOutput", "LogitMixture", "TokenDFA", "combine_logits", "dera", "dfa_from_sequences",
+    "generate", "mixture", "proxy_tuning", "sampling_logits", "token_dfa", "top_k_top_p_filter",
+]

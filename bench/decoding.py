@@ -1,0 +1,211 @@
+r"""Decoding speed: alignjax's sampler vs transformers ``generate`` (and Tunix's sampler).
+
+  python bench/decoding.py                 # tiny + ~100M Llama, B=1 and B=8, 32 + 128 tokens
+  python bench/decoding.py --quick         # smoke test: tiny model, few tokens
+
+For each model size the same random weights are used by every peer: an alignjax
+``ModelConfig`` preset is initialised randomly, exported with ``models.to_hf`` and loaded
+by transformers (float32, eval mode) and again by ``models.from_hf``. Greedy decoding,
+no EOS, so every row generates exactly ``--new_tokens`` tokens. Prints tokens/s (median
+of ``--repeats`` timed calls after one warm-up call), the ratio to transformers, whether
+the greedy tokens agree with transformers, and the number of XLA compilations during
+the warm-up and the timed calls (0 expected for the latter).
+
+Tunix (``google-tunix``) is benchmarked when it can be imported (its sampler module only;
+tunix/__init__.py, which pulls in its trainers, is bypassed); its sampler takes text, so a
+word-level tokenizer with one word per token id is built for it. Tunix's pinned
+dependencies would downgrade transformers, so keep it out of the project venv:
+
+  .venv/bin/pip install --no-deps --target /tmp/tunix_site google-tunix jaxtyping wadler_lindig sentencepiece
+  PYTHONPATH=/tmp/tunix_site .venv/bin/python bench/decoding.py
+
+Without it the reason is printed and Tunix is skipped.
+Figures depend on the machine; this script is the only place they are claimed.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+_QUICK = flags.DEFINE_bool("quick", False, "Smoke test: tiny model, B in (1, 2), 8 + 8 tokens, one repeat.")
+_SIZES = flags.DEFINE_list("sizes", ["tiny", "100m"], "Model presets: tiny, 100m.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per row.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median).")
+_TUNIX = flags.DEFINE_bool("tunix", True, "Also time Tunix's sampler when importable.")
+
+
+class CompileCounter:
+  """Counts XLA backend compilations through ``jax.monitoring`` duration events."""
+
+  def __init__(self):
+    import jax  # pylint: disable=import-outside-toplevel
+    self.count = 0
+
+    def listener(event, duration, **kwargs):
+      del duration, kwargs
+      if event == "/jax/core/compile/backend_compile_duration":
+        self.count += 1
+    jax.monitoring.register_event_duration_secs_listener(listener)
+
+
+def _median_time(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def _tunix_sampler_cls():
+  """Tunix's ``Sampler`` class, or the reason it cannot be used."""
+  try:
+    import importlib  # pylint: disable=import-outside-toplevel
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    import types  # pylint: disable=import-outside-toplevel
+    spec = importlib.util.find_spec("tunix")
+    if spec is None:
+      return None, "google-tunix is not importable (see this script's docstring for a side install)"
+    if "tunix" not in sys.modules:
+      # Import the sampler without tunix/__init__.py, which pulls in its trainers' dependencies.
+      pkg = types.ModuleType("tunix")
+      pkg.__path__ = list(spec.submodule_search_locations)
+      sys.modules["tunix"] = pkg
+    sampler = importlib.import_module("tunix.generate.sampler")
+    llama3 = importlib.import_module("tunix.models.llama3.model")
+    return (sampler, llama3), None
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f"Tunix's sampler could not be imported: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _word_tokenizer(vocab_size):
+  """A transformers tokenizer with one word ``t<i>`` per token id (for Tunix's text API)."""
+  from tokenizers import Tokenizer, models as tk_models, pre_tokenizers  # pylint: disable=import-outside-toplevel
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+  vocab = {f"t{i}": i for i in range(vocab_size)}
+  tok = Tokenizer(tk_models.WordLevel(vocab, unk_token="t0"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
+                                 eos_token="t2")
+
+
+def _tunix_model(mods, cfg, hf_dir):
+  """A Tunix Llama-3 with the benchmark's weights, or raises."""
+  _, llama3 = mods
+  tcfg = llama3.ModelConfig(
+      num_layers=cfg.num_layers, vocab_size=cfg.vocab_size, embed_dim=cfg.hidden_size,
+      hidden_dim=cfg.intermediate_size, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+      num_kv_heads=cfg.num_kv_heads, rope_theta=int(cfg.rope_theta), norm_eps=cfg.norm_eps,
+      weight_tying=cfg.tie_embeddings)
+  from tunix.models.llama3 import params as llama_params  # pylint: disable=import-outside-toplevel
+  return llama_params.create_model_from_safe_tensors(hf_dir, tcfg)
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from transformers import AutoModelForCausalLM  # pylint: disable=import-outside-toplevel
+
+  from alignjax import decoding, models  # pylint: disable=import-outside-toplevel
+
+  quick = _QUICK.value
+  sizes = ["tiny"] if quick else _SIZES.value
+  batches = [1, 2] if quick else [int(b) for b in _BATCHES.value]
+  P, N = (8, 8) if quick else (_PROMPT.value, _NEW.value)
+  repeats = 1 if quick else _REPEATS.value
+  counter = CompileCounter()
+  tunix_mods, tunix_reason = _tunix_sampler_cls() if _TUNIX.value else (None, "--notunix")
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); prompt {P}, new {N}, greedy")
+  if tunix_mods is None:
+    print(f"Tunix: skipped ({tunix_reason})")
+  rows = []
+  for size in sizes:
+    preset = {"tiny": models.ModelConfig.llama_tiny, "100m": models.ModelConfig.llama_100m}[size]
+    cfg = preset(max_position_embeddings=max(2048, P + N))
+    with tempfile.TemporaryDirectory() as tmp:
+      hf_dir = os.path.join(tmp, "hf")
+      models.to_hf(models.Transformer(cfg, rngs=nnx.Rngs(0)), hf_dir)
+      hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+      model = models.from_hf(hf_dir)
+      tunix_model, tunix_err = None, None
+      if tunix_mods is not None:
+        try:
+          tunix_model = _tunix_model(tunix_mods, cfg, hf_dir)
+        except Exception as e:  # pylint: disable=broad-except
+          tunix_err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      for B in batches:
+        rng = np.random.default_rng(B)
+        prompts = rng.integers(3, cfg.vocab_size, (B, P)).astype(np.int32)
+        mask = np.ones((B, P), bool)
+
+        def run_alignjax():
+          out = decoding.generate(model, prompts, mask, max_new_tokens=N)
+          return np.asarray(out.tokens)
+
+        before = counter.count
+        ours = run_alignjax()
+        warm_compiles = counter.count - before
+        before = counter.count
+        t_ours = _median_time(run_alignjax, repeats)
+        timed_compiles = counter.count - before
+
+        ids = torch.tensor(prompts, dtype=torch.long)
+        am = torch.ones_like(ids)
+
+        def run_hf():
+          with torch.no_grad():
+            return hf.generate(ids, attention_mask=am, max_new_tokens=N, min_new_tokens=N,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)[:, P:].numpy()
+        theirs = run_hf()
+        t_hf = _median_time(run_hf, repeats)
+        agree = float(np.mean(ours == theirs))
+        tok = B * N
+        line = {"size": size, "B": B, "alignjax tok/s": tok / t_ours, "transformers tok/s": tok / t_hf,
+                "ratio vs transformers": t_hf / t_ours, "agree": agree,
+                "compiles (warm-up/timed)": f"{warm_compiles}/{timed_compiles}"}
+        if tunix_model is not None:
+          try:
+            sampler_mod, _ = tunix_mods
+            tk = _word_tokenizer(cfg.vocab_size)
+            sampler = sampler_mod.Sampler(
+                tunix_model, tk, sampler_mod.CacheConfig(cache_size=P + N + 8, num_layers=cfg.num_layers,
+                                                         num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim))
+            texts = [" ".join(f"t{i}" for i in row) for row in prompts]
+
+            def run_tunix():
+              out = sampler(texts, max_generation_steps=N, max_prompt_length=P, temperature=0.0,
+                            eos_tokens=[cfg.vocab_size + 7])
+              jax.block_until_ready(out.tokens)
+              return out
+            run_tunix()
+            t_tunix = _median_time(run_tunix, repeats)
+            line["tunix tok/s"] = tok / t_tunix
+            line["ratio vs tunix"] = t_tunix / t_ours
+          except Exception as e:  # pylint: disable=broad-except
+            line["tunix"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        elif tunix_err:
+          line["tunix"] = f"model failed: {tunix_err}"
+        rows.append(line)
+        print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) and "agree" not in k else
+                        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()),
+              flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
