@@ -1,44 +1,140 @@
+"""Checkpointer: atomic saves, verified rotation, fallback from damaged steps.
+
+The reference for every restore is the arrays that were saved at that step.
+"""
+
+import glob
+import os
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from alignjax.checkpoint import Checkpointer
+from alignjax.checkpoint import Checkpointer as LegacyCheckpointer
 from alignjax.models import TinyLM, TinyLMConfig
 from alignjax.training import make_optimizer
+from alignjax.training.checkpoint import Checkpointer, CheckpointMismatchError
 
 CFG = TinyLMConfig(vocab_size=10, max_len=8, d_model=16, num_heads=2, d_ff=32, num_layers=1)
 
 
-def _objects(seed):
-  model = TinyLM(CFG, rngs=nnx.Rngs(seed))
+def _objects(seed, d_model=16):
+  model = TinyLM(CFG if d_model == 16 else TinyLMConfig(**{**CFG.__dict__, "d_model": d_model}), rngs=nnx.Rngs(seed))
   return {"model": model, "opt": make_optimizer(model, learning_rate=1e-3, warmup_steps=1, total_steps=10)}
 
 
 def _leaves(objs):
-  return jax.tree.leaves({k: nnx.state(v) for k, v in objs.items()})
+  return [np.asarray(x) for x in jax.tree.leaves({k: nnx.state(v) for k, v in objs.items()})]
+
+
+def _assert_same(a, b):
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _save_steps(directory, steps, max_to_keep=5):
+  saved = {}
+  ckpt = Checkpointer(str(directory), max_to_keep=max_to_keep)
+  for s in steps:
+    saved[s] = _objects(s)
+    ckpt.save(s, saved[s])
+  ckpt.close()
+  return saved
+
+
+def test_legacy_import_path_is_the_same_class():
+  assert LegacyCheckpointer is Checkpointer
 
 
 def test_roundtrip_and_partial_save_is_ignored(tmp_path):
-  saved = _objects(0)
-  ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
-  ckpt.save(1, saved)
-  ckpt.close()
-  # A save interrupted mid-way leaves only a temporary directory behind.
-  partial = tmp_path / "2.orbax-checkpoint-tmp"
+  saved = _save_steps(tmp_path, [1])
+  partial = tmp_path / "2.orbax-checkpoint-tmp"  # a save interrupted mid-way
   partial.mkdir()
   (partial / "garbage").write_bytes(b"\x00" * 10)
-
-  fresh = _objects(1)
-  assert not all(np.array_equal(a, b) for a, b in zip(_leaves(saved), _leaves(fresh)))
+  fresh = _objects(7)
   ckpt = Checkpointer(str(tmp_path))
   assert ckpt.latest_step() == 1
-  assert ckpt.restore(fresh) == 1
-  for a, b in zip(_leaves(saved), _leaves(fresh)):
-    np.testing.assert_array_equal(a, b)
+  assert ckpt.restore_latest_valid(fresh) == 1
+  _assert_same(saved[1], fresh)
   ckpt.close()
 
 
 def test_restore_without_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     Checkpointer(str(tmp_path)).restore(_objects(0))
+  assert Checkpointer(str(tmp_path)).restore_latest_valid(_objects(0)) is None
+
+
+def _truncate_arrays(step_dir):
+  files = [f for f in glob.glob(os.path.join(step_dir, "**", "d", "*"), recursive=True) if os.path.isfile(f)]
+  assert files
+  for f in files:
+    with open(f, "r+b") as h:
+      h.truncate(max(os.path.getsize(f) // 3, 1))
+
+
+def _damage_metadata(step_dir):
+  paths = glob.glob(os.path.join(step_dir, "**", "_METADATA"), recursive=True)
+  assert paths
+  for p in paths:
+    with open(p, "w") as h:
+      h.write('{"tree_metadata": {')
+
+
+def _empty_dir(step_dir):
+  import shutil
+  shutil.rmtree(step_dir)
+  os.makedirs(step_dir)
+
+
+@pytest.mark.parametrize("damage", [_truncate_arrays, _damage_metadata, _empty_dir],
+                         ids=["truncated_array", "damaged_METADATA", "empty_step_dir"])
+def test_damaged_latest_step_falls_back_with_warning(tmp_path, damage):
+  saved = _save_steps(tmp_path, [10, 20, 30])
+  damage(str(tmp_path / "30"))
+  warnings = []
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=2, warn=warnings.append)
+  fresh = _objects(99)
+  assert ckpt.restore_latest_valid(fresh) == 20
+  _assert_same(saved[20], fresh)
+  assert len(warnings) == 1 and "step 30" in warnings[0] and "falling back to step 20" in warnings[0]
+  assert "\n" not in warnings[0]
+  # The damaged step is kept aside for inspection, and step 30 can be written again.
+  assert (tmp_path / "30.damaged").exists() and ckpt.all_steps() == [10, 20]
+  ckpt.save(30, fresh)
+  assert ckpt.all_steps() == [20, 30]  # rotation after verification
+  ckpt.close()
+
+
+def test_two_damaged_steps_fall_back_twice(tmp_path):
+  saved = _save_steps(tmp_path, [1, 2, 3])
+  _truncate_arrays(str(tmp_path / "3"))
+  _damage_metadata(str(tmp_path / "2"))
+  warnings = []
+  fresh = _objects(5)
+  assert Checkpointer(str(tmp_path), warn=warnings.append).restore_latest_valid(fresh) == 1
+  _assert_same(saved[1], fresh)
+  assert len(warnings) == 2
+
+
+def test_structure_mismatch_is_not_treated_as_damage(tmp_path):
+  _save_steps(tmp_path, [1])
+  with pytest.raises(CheckpointMismatchError, match="does not match"):
+    Checkpointer(str(tmp_path)).restore_latest_valid(_objects(0, d_model=32))
+  assert (tmp_path / "1").exists()
+
+
+def test_last_good_step_survives_a_save_that_fails_verification(tmp_path, monkeypatch):
+  _save_steps(tmp_path, [1, 2], max_to_keep=2)
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=2)
+  monkeypatch.setattr(Checkpointer, "_verify", lambda self, step, shapes: "simulated bad write")
+  with pytest.raises(RuntimeError, match="failed verification"):
+    ckpt.save(3, _objects(3))
+  # Without verification nothing was rotated: both known-good steps remain.
+  assert {1, 2} <= set(ckpt.all_steps())
+
+
+def test_max_to_keep_must_be_positive(tmp_path):
+  with pytest.raises(ValueError, match="max_to_keep"):
+    Checkpointer(str(tmp_path), max_to_keep=0)

@@ -1,0 +1,221 @@
+"""Atomic, verified, self-healing checkpoints of NNX objects with Orbax.
+
+* Atomic: Orbax writes each step into a temporary directory and renames it into
+  place only once every file is on disk, so a crash mid-save never leaves a
+  partial step that a restart would pick up.
+* Verified before rotation: after a save, the new step's metadata is read back
+  and checked against the saved structure; only then are old steps beyond
+  ``max_to_keep`` deleted, so the last known-good step is never removed while a
+  newer one is unverified (retention is done here, not by Orbax).
+* Self-healing restore: :meth:`Checkpointer.restore_latest_valid` tries the
+  newest step first; a step that cannot be read (truncated array file, damaged
+  ``_METADATA``, empty directory) is reported, renamed to ``<step>.damaged`` (kept
+  for inspection, ignored by Orbax) and the next older step is tried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging as std_logging
+import os
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+__all__ = ["Checkpointer", "CheckpointMismatchError"]
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint whose structure differs from the objects being restored."""
+
+
+def _key_name(k: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """``{"policy/blocks/0/qkv/kernel": shape}`` for every array leaf of ``tree``."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [_key_name(k) for k in path]
+    if names and names[-1] == "value":
+      names = names[:-1]
+    out["/".join(names)] = tuple(getattr(leaf, "shape", np.shape(leaf)))
+  return out
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+  """Orbax/tensorstore log unretrieved task errors when a damaged step is read."""
+  log = std_logging.getLogger("asyncio")
+  level = log.level
+  log.setLevel(std_logging.CRITICAL)
+  try:
+    yield
+  finally:
+    log.setLevel(level)
+
+
+def _one_line(e: BaseException) -> str:
+  text = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {text[:240]}"
+
+
+class Checkpointer:
+  """Saves and restores a named set of NNX objects (models, optimizers).
+
+  Args:
+    directory: where the numbered step directories live.
+    max_to_keep: verified steps kept (>= 1); older ones are deleted only after
+      a newer step has been verified.
+    warn: called with one line per damaged step skipped on restore
+      (default: ``absl.logging.warning``).
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 2, warn: Optional[Callable[[str], None]] = None):
+    if max_to_keep < 1:
+      raise ValueError(f"Checkpointer: `max_to_keep` must be >= 1, got {max_to_keep}.")
+    self.directory = os.path.abspath(directory)
+    self.max_to_keep = max_to_keep
+    self._warn = warn
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
+        item_handlers=ocp.StandardCheckpointHandler(),
+    )
+
+  def warn(self, message: str) -> None:
+    if self._warn is not None:
+      self._warn(message)
+    else:
+      from absl import logging  # pylint: disable=import-outside-toplevel
+      logging.warning("%s", message)
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, objects: Mapping[str, nnx.Object], *, wait: bool = True) -> None:
+    """Saves ``objects`` as ``step``; verifies it, then deletes steps beyond ``max_to_keep``.
+
+    ``wait=False`` returns once the save is dispatched; verification and rotation
+    then happen at the next :meth:`save`, :meth:`wait` or :meth:`close`.
+    """
+    self.wait()
+    state = {name: nnx.state(obj) for name, obj in objects.items()}
+    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self._pending = (step, _shapes(state))
+    if wait:
+      self.wait()
+
+  _pending: Optional[tuple[int, dict]] = None
+
+  def wait(self) -> None:
+    """Waits for a dispatched save, verifies it and rotates old steps."""
+    self._manager.wait_until_finished()
+    if self._pending is None:
+      return
+    step, shapes = self._pending
+    self._pending = None
+    problem = self._verify(step, shapes)
+    if problem:
+      raise RuntimeError(f"Checkpointer: step {step} in {self.directory} failed verification after save: {problem}")
+    self._rotate(keep_newest=step)
+
+  def _verify(self, step: int, shapes: dict) -> Optional[str]:
+    path = os.path.join(self.directory, str(step))
+    if not os.path.isdir(path):
+      return "step directory missing"
+    try:
+      saved = _shapes(self._manager.item_metadata(step))
+    except Exception as e:  # pylint: disable=broad-except
+      return _one_line(e)
+    if saved != shapes:
+      return "metadata does not match the saved structure"
+    for root, _, files in os.walk(path):
+      for f in files:
+        if os.path.getsize(os.path.join(root, f)) == 0 and not f.startswith("."):
+          return f"empty file {os.path.join(root, f)}"
+    return None
+
+  def _rotate(self, keep_newest: int) -> None:
+    steps = [s for s in self.all_steps() if s <= keep_newest]
+    for s in steps[:-self.max_to_keep]:
+      self._manager.delete(s)
+
+  def restore(self, objects: Mapping[str, nnx.Object], step: Optional[int] = None) -> int:
+    """Restores ``step`` (default: latest) into ``objects`` in place; returns the step."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+    abstract = {name: nnx.state(obj) for name, obj in objects.items()}
+    self._check_compatible(step, abstract)
+    restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    for name, obj in objects.items():
+      nnx.update(obj, restored[name])
+    return step
+
+  def restore_latest_valid(self, objects: Mapping[str, nnx.Object]) -> Optional[int]:
+    """Restores the newest readable step into ``objects``; ``None`` if there is none.
+
+    Unreadable newer steps are warned about (with the reason) and renamed to
+    ``<step>.damaged`` so later saves of that step number are not blocked. A
+    readable step of a different structure raises :class:`CheckpointMismatchError`.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        with _quiet_asyncio():
+          return self.restore(objects, step)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # damaged step: fall back
+        reason = _one_line(e)
+        older = [s for s in self.all_steps() if s < step]
+        self.warn(
+            f"checkpoint step {step} in {self.directory} is unreadable ({reason}); "
+            + (f"falling back to step {older[-1]}" if older else "no older step to fall back to")
+        )
+        self._quarantine(step)
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    path = os.path.join(self.directory, str(step))
+    if jax.process_index() != 0 or not os.path.exists(path):
+      return
+    target, n = f"{path}.damaged", 1
+    while os.path.exists(target):
+      n += 1
+      target = f"{path}.damaged{n}"
+    os.rename(path, target)
+    self._manager.reload()
+
+  def _check_compatible(self, step: int, abstract: Any) -> None:
+    """Refuses, before reading any array, a checkpoint of a different structure."""
+    saved = _shapes(self._manager.item_metadata(step))
+    if not saved:
+      raise FileNotFoundError(f"checkpoint step {step} holds no items")
+    wanted = _shapes(abstract)
+    problems = [f"missing in checkpoint: {k}" for k in sorted(set(wanted) - set(saved))]
+    problems += [f"not expected: {k}" for k in sorted(set(saved) - set(wanted))]
+    problems += [
+        f"{k}: checkpoint {saved[k]} vs expected {wanted[k]}"
+        for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]
+    ]
+    if problems:
+      shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory} step {step} does not match the objects being restored "
+          f"(was it written with a different config?): {shown}"
+      )
+
+  def close(self) -> None:
+    self.wait()
+    self._manager.close()

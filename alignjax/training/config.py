@@ -1,0 +1,379 @@
+"""The typed, validated configuration of a training run.
+
+``ml_collections`` stays at the launcher boundary: :func:`build` turns a
+``ConfigDict`` (or a plain nested mapping) into a frozen :class:`RunConfig`,
+checking every field -- types, ranges, names and combinations -- before any data
+or model work, and raising :class:`ConfigError` (a ``ValueError``) with one line
+naming the field and what was expected.
+
+The embedded default (``./train.sh`` with no flags) is ``RunConfig()``:
+SFT warm-up then DPO of a tiny transformer on generated sorting preferences.
+
+A run's *identity* is every field except :data:`RESUMABLE_FIELDS` (step
+budget, logging / checkpoint / eval cadence, checkpoint retention, safety
+limits, data location): resuming a workdir with a different identity is refused
+(see :func:`identity_diff`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable, Mapping
+
+__all__ = [
+    "ConfigError", "DataConfig", "LossSpec", "ModelSpec", "PhaseConfig", "RunConfig",
+    "RESUMABLE_FIELDS", "build", "field_help", "flatten", "identity", "identity_diff",
+    "loss_names", "to_config_dict",
+]
+
+
+class ConfigError(ValueError):
+  """A user error in the run configuration (one line; launchers exit with code 2)."""
+
+
+def _f(default, help: str):
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  """Generated sorting preferences, written once as a TFDS array_record data set."""
+  dir: str = _f("", "data set directory ('' = <workdir>/data); relative paths resolve against the caller's cwd")
+  num_symbols: int = _f(8, "alphabet size of the sorting task (>= 2)")
+  min_len: int = _f(3, "shortest list to sort (>= 2)")
+  max_len: int = _f(6, "longest list to sort (>= min_len)")
+  train_examples: int = _f(2048, "training pairs (>= batch_size)")
+  eval_examples: int = _f(256, "held-out evaluation pairs (>= 1)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+  """The policy: a preset of :class:`alignjax.models.ModelConfig` with size overrides.
+
+  The vocabulary comes from the data (the sorting task's tokens).
+  """
+  preset: str = _f("llama_tiny", "model preset (ModelConfig.llama_tiny)")
+  hidden_size: int = _f(64, "model width (>= 1)")
+  intermediate_size: int = _f(128, "MLP hidden width (>= 1)")
+  num_layers: int = _f(2, "decoder blocks (>= 1)")
+  num_heads: int = _f(4, "query heads (>= 1)")
+  num_kv_heads: int = _f(2, "key/value heads (divides num_heads)")
+  head_dim: int = _f(16, "per-head width (>= 1)")
+
+  def model_config(self, vocab_size: int):
+    """The :class:`alignjax.models.ModelConfig` for a vocabulary of ``vocab_size``."""
+    from alignjax.models import ModelConfig  # pylint: disable=import-outside-toplevel
+    preset = getattr(ModelConfig, self.preset)
+    return preset(vocab_size=vocab_size, hidden_size=self.hidden_size,
+                  intermediate_size=self.intermediate_size, num_layers=self.num_layers,
+                  num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PhaseConfig:
+  """One training phase: steps and a warm-up + cosine learning-rate schedule."""
+  steps: int = _f(0, "optimizer steps of this phase (>= 0)")
+  learning_rate: float = _f(1e-3, "peak learning rate (> 0)")
+  warmup_steps: int = _f(0, "linear warm-up steps (>= 0)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossSpec:
+  """The preference loss and its hyper-parameters."""
+  name: str = _f("dpo", "preference loss (see the valid loss names)")
+  beta: float = _f(0.1, "inverse temperature of the log-ratio difference (> 0)")
+  label_smoothing: float = _f(0.0, "cDPO / robust-DPO label-flip probability, 0 <= eps < 0.5 (dpo only)")
+  robust: bool = _f(False, "robust-DPO estimator (Chowdhury et al. 2024; dpo only, needs label_smoothing > 0)")
+  alpha: float = _f(0.5, "TDPO2 weight of the sequential-KL term (>= 0; Zeng et al. 2024 use 0.5)")
+  average_log_prob: bool = _f(False, "token-average instead of sum the sequence log-probs")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+  """Everything that defines (and paces) a training run."""
+  seed: int = _f(0, "seed of the data set, the shuffle and the model init (>= 0)")
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+  sft: PhaseConfig = dataclasses.field(
+      default_factory=lambda: PhaseConfig(steps=25, learning_rate=3e-3, warmup_steps=20))
+  dpo: PhaseConfig = dataclasses.field(
+      default_factory=lambda: PhaseConfig(steps=200, learning_rate=5e-4, warmup_steps=10))
+  loss: LossSpec = dataclasses.field(default_factory=LossSpec)
+  batch_size: int = _f(32, "preference pairs per step (>= 1)")
+  eval_batch_size: int = _f(128, "pairs per evaluation batch (>= 1)")
+  weight_decay: float = _f(0.0, "AdamW weight decay (>= 0)")
+  max_grad_norm: float = _f(1.0, "global-norm gradient clipping (> 0)")
+  log_every: int = _f(25, "steps between metrics rows (>= 1)")
+  checkpoint_every: int = _f(100, "steps between checkpoints (>= 1)")
+  max_checkpoints: int = _f(2, "verified checkpoints kept (>= 1)")
+  on_nonfinite: str = _f("stop", "non-finite loss/gradients/parameters: 'stop' (exit 3) or 'skip' the update")
+  max_loss: float = _f(1e4, "divergence bound: a loss above it stops the run (> 0; inf disables)")
+
+
+# Fields that may change between a run and its resumption.
+RESUMABLE_FIELDS = frozenset({
+    "dpo.steps", "log_every", "checkpoint_every", "max_checkpoints", "eval_batch_size",
+    "on_nonfinite", "max_loss", "data.dir",
+})
+BUDGET_FIELDS = ("dpo.steps",)
+
+
+def loss_names() -> tuple[str, ...]:
+  """Valid ``loss.name`` values: the preference objectives the training loop runs.
+
+  Taken from the objectives table (``alignjax.training.objectives.OBJECTIVES``)
+  when it exists, restricted to the losses :mod:`alignjax.training.loop` trains
+  (``sft`` is the warm-up phase; AlignDistil needs teacher models).
+  """
+  from alignjax.training import preference  # pylint: disable=import-outside-toplevel
+  runnable = tuple(preference.LOSS_NAMES)
+  try:
+    from alignjax.training import objectives  # pylint: disable=import-outside-toplevel
+    table = tuple(objectives.OBJECTIVES)
+  except Exception:  # pylint: disable=broad-except  # table not there
+    return runnable
+  return tuple(n for n in table if n in runnable) or runnable
+
+
+def _fields(cls) -> list[dataclasses.Field]:
+  return list(dataclasses.fields(cls))
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+  """``{"loss.beta": 0.1, ...}`` for a :class:`RunConfig` (or any nested dataclass)."""
+  out = {}
+  for f in dataclasses.fields(cfg):
+    v = getattr(cfg, f.name)
+    if dataclasses.is_dataclass(v):
+      out.update(flatten(v, f"{prefix}{f.name}."))
+    else:
+      out[prefix + f.name] = v
+  return out
+
+
+def identity(cfg: RunConfig) -> dict[str, Any]:
+  """The fields that define the run (everything but :data:`RESUMABLE_FIELDS`)."""
+  return {k: v for k, v in flatten(cfg).items() if k not in RESUMABLE_FIELDS}
+
+
+def identity_diff(stored: Mapping[str, Any], cfg: RunConfig) -> list[str]:
+  """One line per identity field that differs between ``stored`` and ``cfg``."""
+  now = identity(cfg)
+  lines = []
+  for k in sorted(set(stored) | set(now)):
+    if k in RESUMABLE_FIELDS:
+      continue
+    a, b = stored.get(k, "<absent>"), now.get(k, "<absent>")
+    if a != b:
+      lines.append(f"config.{k}: stored {a!r}, given {b!r}")
+  return lines
+
+
+def field_help() -> str:
+  """A table of every config field, its default and help, and the valid loss names."""
+  rows = []
+  default = flatten(RunConfig())
+
+  def walk(cls, obj, prefix):
+    for f in dataclasses.fields(cls):
+      v = getattr(obj, f.name)
+      if dataclasses.is_dataclass(v):
+        walk(type(v), v, f"{prefix}{f.name}.")
+      else:
+        resumable = " [may change on resume]" if prefix + f.name in RESUMABLE_FIELDS else ""
+        rows.append((f"--config.{prefix}{f.name}", repr(default[prefix + f.name]),
+                     f.metadata.get("help", "") + resumable))
+
+  walk(RunConfig, RunConfig(), "")
+  width = max(len(r[0]) for r in rows)
+  dwidth = max(len(r[1]) for r in rows)
+  lines = ["Config fields (default, meaning):"]
+  lines += [f"  {n:<{width}}  {d:<{dwidth}}  {h}" for n, d, h in rows]
+  lines.append("Valid loss names (--config.loss.name): " + ", ".join(loss_names()))
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- building
+
+def _coerce(path: str, value: Any, default: Any) -> Any:
+  """Checks ``value`` has the type of the field's ``default``."""
+  where = f"config.{path}"
+  if isinstance(default, bool):
+    if not isinstance(value, bool):
+      raise ConfigError(f"{where} must be a bool (True/False), got {value!r}.")
+    return value
+  if isinstance(default, int):
+    if isinstance(value, bool) or not isinstance(value, int):
+      if isinstance(value, float) and value.is_integer():
+        return int(value)
+      raise ConfigError(f"{where} must be an integer, got {value!r}.")
+    return value
+  if isinstance(default, float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{where} must be a number, got {value!r}.")
+    value = float(value)
+    if math.isnan(value):
+      raise ConfigError(f"{where} must be a number, got nan.")
+    return value
+  if isinstance(default, str):
+    if not isinstance(value, str):
+      raise ConfigError(f"{where} must be a string, got {value!r}.")
+    return value
+  return value
+
+
+def _build_section(cls, default_obj, mapping: Mapping[str, Any], prefix: str):
+  known = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(mapping) - set(known))
+  if unknown:
+    where = f"config.{prefix}" if prefix else "config"
+    raise ConfigError(
+        f"{where}: unknown field(s) {unknown}; expected a subset of {sorted(known)} "
+        "(see --config_help).")
+  kwargs = {}
+  for name, f in known.items():
+    default = getattr(default_obj, name)
+    if name not in mapping:
+      kwargs[name] = default
+      continue
+    value = mapping[name]
+    if dataclasses.is_dataclass(default):
+      if hasattr(value, "to_dict"):
+        value = value.to_dict()
+      if not isinstance(value, Mapping):
+        raise ConfigError(f"config.{prefix}{name} must be a section (mapping), got {value!r}.")
+      kwargs[name] = _build_section(type(default), default, value, f"{prefix}{name}.")
+    else:
+      kwargs[name] = _coerce(prefix + name, value, default)
+  return cls(**kwargs)
+
+
+def build(config: Any = None, **overrides: Any) -> RunConfig:
+  """A validated :class:`RunConfig` from a ``ConfigDict``/mapping (missing fields: defaults).
+
+  ``overrides`` are dotted field names (``build(cd, **{"loss.beta": 0.2})``).
+  Raises :class:`ConfigError` (one line) on any invalid field.
+  """
+  if config is None:
+    mapping: dict[str, Any] = {}
+  elif isinstance(config, RunConfig):
+    mapping = _nested(flatten(config))
+  elif hasattr(config, "to_dict"):
+    mapping = config.to_dict()
+  elif isinstance(config, Mapping):
+    mapping = dict(config)
+  else:
+    raise ConfigError(f"build: `config` must be a ConfigDict, a mapping or a RunConfig, got {type(config).__name__}.")
+  if overrides:
+    flat = _flatten_mapping(mapping)
+    flat.update(overrides)
+    mapping = _nested(flat)
+  cfg = _build_section(RunConfig, RunConfig(), mapping, "")
+  validate(cfg)
+  return cfg
+
+
+def _flatten_mapping(m: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in m.items():
+    if hasattr(v, "to_dict"):
+      v = v.to_dict()
+    if isinstance(v, Mapping):
+      out.update(_flatten_mapping(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for k, v in flat.items():
+    node = out
+    *path, last = k.split(".")
+    for p in path:
+      node = node.setdefault(p, {})
+    node[last] = v
+  return out
+
+
+def replace(cfg: RunConfig, **dotted: Any) -> RunConfig:
+  """``cfg`` with dotted fields replaced (``replace(cfg, **{"dpo.steps": 10})``), validated."""
+  return build(cfg, **dotted)
+
+
+MODEL_PRESETS = ("llama_tiny",)
+
+
+def _check(ok: bool, msg: str) -> None:
+  if not ok:
+    raise ConfigError(msg)
+
+
+def validate(cfg: RunConfig) -> None:
+  """Checks ranges, names and combinations of every field; raises :class:`ConfigError`."""
+  d, m, l = cfg.data, cfg.model, cfg.loss
+  _check(cfg.seed >= 0, f"config.seed must be >= 0, got {cfg.seed}.")
+  _check(d.num_symbols >= 2, f"config.data.num_symbols must be >= 2, got {d.num_symbols}.")
+  _check(d.min_len >= 2, f"config.data.min_len must be >= 2, got {d.min_len}.")
+  _check(d.max_len >= d.min_len,
+         f"config.data.max_len must be >= config.data.min_len ({d.min_len}), got {d.max_len}.")
+  _check(d.eval_examples >= 1, f"config.data.eval_examples must be >= 1, got {d.eval_examples}.")
+  _check(m.preset in MODEL_PRESETS, f"config.model.preset must be one of {list(MODEL_PRESETS)}, got {m.preset!r}.")
+  for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+    v = getattr(m, name)
+    _check(v >= 1, f"config.model.{name} must be >= 1, got {v}.")
+  _check(m.num_heads % m.num_kv_heads == 0,
+         f"config.model.num_kv_heads ({m.num_kv_heads}) must divide config.model.num_heads ({m.num_heads}).")
+  try:
+    m.model_config(vocab_size=d.num_symbols + 4)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.model: {e}") from None
+  for phase in ("sft", "dpo"):
+    p = getattr(cfg, phase)
+    _check(p.steps >= 0, f"config.{phase}.steps must be >= 0, got {p.steps}.")
+    _check(p.warmup_steps >= 0, f"config.{phase}.warmup_steps must be >= 0, got {p.warmup_steps}.")
+    _check(math.isfinite(p.learning_rate) and p.learning_rate > 0,
+           f"config.{phase}.learning_rate must be a finite number > 0, got {p.learning_rate}.")
+  _check(cfg.sft.steps + cfg.dpo.steps > 0, "config.sft.steps + config.dpo.steps is 0: nothing to train.")
+  names = loss_names()
+  _check(l.name in names, f"config.loss.name: unknown loss {l.name!r}; valid loss names: {', '.join(names)}.")
+  _check(math.isfinite(l.beta) and l.beta > 0, f"config.loss.beta must be a finite number > 0, got {l.beta}.")
+  # cDPO / robust DPO (Chowdhury et al. 2024, arXiv:2403.00409, Eq. 9): the flip
+  # probability eps must be < 1/2 (the robust estimator divides by 1 - 2 eps).
+  _check(0.0 <= l.label_smoothing < 0.5,
+         f"config.loss.label_smoothing must satisfy 0 <= eps < 0.5, got {l.label_smoothing}.")
+  # TDPO2 (Zeng et al. 2024, arXiv:2404.11999, Eq. 24): alpha scales a KL
+  # penalty on the rejected response; negative alpha rewards divergence.
+  _check(math.isfinite(l.alpha) and l.alpha >= 0, f"config.loss.alpha must be a finite number >= 0, got {l.alpha}.")
+  if l.name != "dpo":
+    _check(l.label_smoothing == 0.0 and not l.robust,
+           f"config.loss.label_smoothing/robust apply to the 'dpo' loss only, not {l.name!r}.")
+  _check(not l.robust or l.label_smoothing > 0,
+         "config.loss.robust needs config.loss.label_smoothing > 0 (robust DPO with eps = 0 is plain DPO).")
+  _check(cfg.batch_size >= 1, f"config.batch_size must be positive, got {cfg.batch_size}.")
+  _check(cfg.eval_batch_size >= 1, f"config.eval_batch_size must be positive, got {cfg.eval_batch_size}.")
+  _check(d.train_examples >= cfg.batch_size,
+         f"config.data.train_examples ({d.train_examples}) must be >= config.batch_size ({cfg.batch_size}).")
+  _check(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+         f"config.weight_decay must be a finite number >= 0, got {cfg.weight_decay}.")
+  _check(math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0,
+         f"config.max_grad_norm must be a finite number > 0, got {cfg.max_grad_norm}.")
+  _check(cfg.log_every >= 1, f"config.log_every must be positive, got {cfg.log_every}.")
+  _check(cfg.checkpoint_every >= 1, f"config.checkpoint_every must be positive, got {cfg.checkpoint_every}.")
+  _check(cfg.max_checkpoints >= 1,
+         f"config.max_checkpoints must be >= 1 (0 would disable resuming), got {cfg.max_checkpoints}.")
+  _check(cfg.on_nonfinite in ("stop", "skip"),
+         f"config.on_nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}.")
+  _check(cfg.max_loss > 0, f"config.max_loss must be > 0 (inf disables the check), got {cfg.max_loss}.")
+
+
+def to_config_dict(cfg: RunConfig | None = None):
+  """An ``ml_collections.ConfigDict`` of ``cfg`` (default: :class:`RunConfig` defaults)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  cfg = RunConfig() if cfg is None else cfg
+  return ml_collections.ConfigDict(_nested(flatten(cfg)))
+
+
+def iter_fields() -> Iterable[str]:
+  return flatten(RunConfig()).keys()

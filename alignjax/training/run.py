@@ -1,0 +1,373 @@
+"""Run plumbing shared by every launcher: workdir lock, run identity, metrics, progress, preemption.
+
+* :class:`WorkdirLock` -- an OS (``fcntl``) lock on ``<workdir>/.lock``, released
+  by the OS on any exit; a second launcher is refused naming the holder's PID.
+* :func:`read_record` / :func:`write_record` -- the run's identity (its config
+  minus the resumable fields) and budget history, stored next to the checkpoints.
+* :class:`MetricsWriter` -- ``metrics.jsonl`` (exactly one row per logged step
+  across resumes: rows past the restored step are dropped on :meth:`~MetricsWriter.open`)
+  plus TensorBoard event files (tensorboardX, purged past the restored step).
+  Only process 0 writes (:func:`metrics_writer`).
+* :class:`Progress` -- steps/s, tokens/s, an MFU estimate and ETA; a tqdm bar
+  when stderr is a terminal, plain log lines otherwise.
+* :class:`PreemptionGuard` -- SIGTERM/SIGINT set a flag; the loop finishes the
+  current step, checkpoints and raises :class:`Preempted`. A second Ctrl-C
+  interrupts at once. Under ``jax.distributed`` all processes agree on the stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+__all__ = [
+    "EXIT_USER_ERROR", "EXIT_TRAINING_FAILED", "MetricsWriter", "NullWriter", "Preempted",
+    "PreemptionGuard", "Progress", "RunLockedError", "TrainingFailed", "WorkdirLock",
+    "metrics_writer", "peak_flops", "read_record", "write_record",
+]
+
+EXIT_USER_ERROR = 2        # bad config, identity mismatch, locked workdir
+EXIT_TRAINING_FAILED = 3   # non-finite loss/gradients/parameters, or divergence
+# Preempted runs (SIGTERM/SIGINT) exit with 128 + signal number (143 / 130)
+# after writing a checkpoint: re-running the same command resumes.
+
+
+class RunLockedError(RuntimeError):
+  """The workdir is locked by another live process."""
+
+
+class TrainingFailed(RuntimeError):
+  """Training stopped: non-finite values or divergence (nothing bad was saved)."""
+
+  def __init__(self, message: str, *, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+class Preempted(Exception):
+  """A SIGTERM/SIGINT stopped the run after checkpointing ``step``."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f"{signal.Signals(signum).name} at step {step}")
+    self.signum, self.step = signum, step
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + self.signum
+
+
+# ----------------------------------------------------------------------------- lock
+
+class WorkdirLock:
+  """An exclusive ``fcntl`` lock on ``<workdir>/.lock`` holding the owner's PID."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self._file = None
+
+  def acquire(self) -> "WorkdirLock":
+    import fcntl  # pylint: disable=import-outside-toplevel
+    f = open(self.path, "a+")
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      f.close()
+      raise RunLockedError(
+          f"workdir {os.path.dirname(self.path)} is in use by process {holder} "
+          f"(lock {self.path}); wait for it to finish or use another --workdir.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    self._file = f
+    return self
+
+  def release(self) -> None:
+    if self._file is not None:
+      import fcntl  # pylint: disable=import-outside-toplevel
+      fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+# ----------------------------------------------------------------------------- identity
+
+RECORD = "run.json"
+
+
+def read_record(checkpoint_dir: str) -> Optional[dict]:
+  """The stored run record (identity, budget, history) or ``None``."""
+  path = os.path.join(checkpoint_dir, RECORD)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_record(checkpoint_dir: str, record: Mapping[str, Any]) -> None:
+  """Atomically writes the run record (process 0 only)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:
+    return
+  os.makedirs(checkpoint_dir, exist_ok=True)
+  path = os.path.join(checkpoint_dir, RECORD)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class NullWriter:
+  """Writes nothing (processes other than 0)."""
+
+  def open(self, start_step: int) -> None:
+    del start_step
+
+  def write(self, step: int, scalars: Mapping[str, float], *, phase: str | None = None) -> None:
+    del step, scalars, phase
+
+  def close(self) -> None:
+    pass
+
+
+class MetricsWriter(NullWriter):
+  """``<workdir>/metrics.jsonl`` + TensorBoard events under ``<workdir>/tensorboard``.
+
+  :meth:`open` must be called with the step training resumes from: rows of
+  later steps (written before a crash or preemption) are dropped, so after any
+  number of resumes there is exactly one row per logged step.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.workdir = os.path.abspath(workdir)
+    self.path = os.path.join(self.workdir, "metrics.jsonl")
+    self._tensorboard = tensorboard
+    self._file = None
+    self._tb = None
+
+  def open(self, start_step: int) -> None:
+    os.makedirs(self.workdir, exist_ok=True)
+    rows: dict[int, str] = {}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        for line in f:
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+          if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start_step:
+            rows[row["step"]] = json.dumps(row)
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(rows[s] + "\n" for s in sorted(rows))
+      os.replace(tmp, self.path)
+    self._file = open(self.path, "a")
+    if self._tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(
+          os.path.join(self.workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+  def write(self, step: int, scalars: Mapping[str, float], *, phase: str | None = None) -> None:
+    row = {"step": int(step)}
+    if phase is not None:
+      row["phase"] = phase
+    row.update({k: float(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      prefix = f"{phase}/" if phase else ""
+      for k, v in scalars.items():
+        self._tb.add_scalar(prefix + k, float(v), int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def metrics_writer(workdir: str, **kwargs) -> NullWriter:
+  """A :class:`MetricsWriter` on process 0, a :class:`NullWriter` elsewhere."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return MetricsWriter(workdir, **kwargs) if jax.process_index() == 0 else NullWriter()
+
+
+# ----------------------------------------------------------------------------- progress
+
+# Dense peak FLOP/s per device by `device_kind` (vendor datasheets).
+_PEAK = {
+    "H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float32": 19.5e12}, "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 4},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 4}, "TPU v5": {"bfloat16": 459e12, "float32": 459e12 / 4},
+}
+_measured: dict[str, float] = {}
+
+
+def peak_flops(dtype: str = "float32") -> float:
+  """Peak FLOP/s of all local devices: a datasheet value, or (CPU) a quick matmul measurement."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  dev = jax.local_devices()[0]
+  kind = getattr(dev, "device_kind", "") or ""
+  for name, peaks in _PEAK.items():
+    if name.lower() in kind.lower():
+      return peaks.get(dtype, peaks["float32"]) * jax.local_device_count()
+  if dtype not in _measured:
+    n = 512
+    a = jnp.ones((n, n), dtype)
+    jnp.dot(a, a).block_until_ready()
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.05:
+      jnp.dot(a, a).block_until_ready()
+      reps += 1
+    _measured[dtype] = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+  return _measured[dtype]
+
+
+def _hms(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  s = int(round(seconds))
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+  """Reports speed and ETA: a tqdm bar when ``stream`` is a terminal, else plain lines.
+
+  Args:
+    total: the run's last step.
+    start: the step training starts from.
+    stream: where lines go (default ``sys.stdout``).
+    interactive: force the bar on/off (default: ``stream.isatty()``).
+    enabled: ``False`` prints nothing (processes other than 0).
+  """
+
+  def __init__(self, total: int, start: int = 0, *, stream=None, interactive: Optional[bool] = None,
+               enabled: bool = True):
+    self.total, self.start = total, start
+    self.stream = sys.stdout if stream is None else stream
+    self.enabled = enabled
+    isatty = getattr(self.stream, "isatty", lambda: False)()
+    self.interactive = isatty if interactive is None else interactive
+    self._bar = None
+    self._t0 = time.perf_counter()
+    self._last_t, self._last_step, self._tokens, self._flops = self._t0, start, 0.0, 0.0
+    self._peak = None
+
+  def set_peak_flops(self, value: float) -> None:
+    self._peak = value
+
+  def message(self, text: str) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      print(text, file=self.stream, flush=True)
+
+  def step(self, step: int, *, tokens: float, flops: float) -> None:
+    """Counts one finished step (``step`` = steps done) of ``tokens`` and ``flops``."""
+    self._tokens += tokens
+    self._flops += flops
+    if self.enabled and self.interactive:
+      if self._bar is None:
+        from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+        self._bar = tqdm(total=self.total, initial=self.start, file=self.stream, dynamic_ncols=True)
+      self._bar.update(step - self._bar.n)
+
+  def stats(self, step: int) -> dict[str, float]:
+    """Speed since the previous call: steps/s, tokens/s, MFU and ETA (seconds)."""
+    now = time.perf_counter()
+    dt = max(now - self._last_t, 1e-9)
+    steps_s = (step - self._last_step) / dt
+    out = {"steps_per_s": steps_s, "tokens_per_s": self._tokens / dt}
+    if self._peak:
+      out["mfu"] = self._flops / dt / self._peak
+    out["eta_s"] = (self.total - step) / steps_s if steps_s > 0 else float("inf")
+    self._last_t, self._last_step, self._tokens, self._flops = now, step, 0.0, 0.0
+    return out
+
+  def log(self, step: int, phase: str, scalars: Mapping[str, float], stats: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    speed = f"{stats['steps_per_s']:.1f} steps/s {stats['tokens_per_s']:,.0f} tok/s"
+    if "mfu" in stats:
+      speed += f" MFU {100 * stats['mfu']:.2f}%"
+    speed += f" ETA {_hms(stats['eta_s'])}"
+    text = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+    if self._bar is not None:
+      self._bar.set_postfix_str(f"{phase} loss={scalars.get('loss', float('nan')):.4g}", refresh=False)
+    self.message(f"[{phase} {step}/{self.total}] {text} | {speed}")
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+
+# ----------------------------------------------------------------------------- preemption
+
+class PreemptionGuard:
+  """Turns SIGTERM/SIGINT into a stop request checked between steps.
+
+  Installed only in the main thread (elsewhere it is inert); previous handlers
+  are restored on exit. A second SIGINT raises ``KeyboardInterrupt`` at once.
+  """
+
+  def __init__(self, enabled: bool = True):
+    self.enabled = enabled and threading.current_thread() is threading.main_thread()
+    self.signum: Optional[int] = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __enter__(self):
+    if self.enabled:
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, h in self._previous.items():
+      signal.signal(s, h)
+    self._previous.clear()
+
+  def should_stop(self, step: int) -> Optional[int]:
+    """The signal to stop for (agreed by all processes), or ``None``."""
+    import jax  # pylint: disable=import-outside-toplevel
+    local = self.signum or 0
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          local = local or int(signal.SIGTERM)
+      except Exception:  # pylint: disable=broad-except  # no preemption service configured
+        pass
+      local = int(np.max(multihost_utils.process_allgather(np.int32(local))))
+    return local or None
