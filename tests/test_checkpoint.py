@@ -12,20 +12,23 @@ import pytest
 from flax import nnx
 
 from alignjax.checkpoint import Checkpointer as LegacyCheckpointer
-from alignjax.models import TinyLM, TinyLMConfig
-from alignjax.training import make_optimizer
+import optax
+
+from alignjax.models import ModelConfig, Transformer
+from alignjax.training import steps
 from alignjax.training.checkpoint import Checkpointer, CheckpointMismatchError
 
-CFG = TinyLMConfig(vocab_size=10, max_len=8, d_model=16, num_heads=2, d_ff=32, num_layers=1)
-
-
 def _objects(seed, d_model=16):
-  model = TinyLM(CFG if d_model == 16 else TinyLMConfig(**{**CFG.__dict__, "d_model": d_model}), rngs=nnx.Rngs(seed))
-  return {"model": model, "opt": make_optimizer(model, learning_rate=1e-3, warmup_steps=1, total_steps=10)}
+  """An NNX model and a pytree train state (both kinds of checkpointed objects)."""
+  cfg = ModelConfig.llama_tiny(vocab_size=10, hidden_size=d_model, intermediate_size=32, num_layers=1,
+                               num_heads=2, num_kv_heads=2, head_dim=8)
+  model = Transformer(cfg, rngs=nnx.Rngs(seed))
+  return {"model": model, "state": steps.init_state(model, optax.adamw(1e-3))}
 
 
 def _leaves(objs):
-  return [np.asarray(x) for x in jax.tree.leaves({k: nnx.state(v) for k, v in objs.items()})]
+  return [np.asarray(x) for x in jax.tree.leaves(
+      {k: nnx.state(v) if isinstance(v, nnx.Module) else v for k, v in objs.items()})]
 
 
 def _assert_same(a, b):

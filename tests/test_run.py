@@ -189,15 +189,16 @@ class _Inject:
 
 
 def _inject_nan(monkeypatch, at_step):
+  import dataclasses
   import alignjax.data as data
-  from alignjax import training
-  real_batches, real_loss = data.preference_batches, training.preference_loss
+  from alignjax.training import objectives
+  real_batches, real = data.preference_batches, objectives.OBJECTIVES["dpo"]
   monkeypatch.setattr(data, "preference_batches", lambda *a, **k: _Inject(real_batches(*a, **k), at_step))
 
-  def loss(policy, reference, batch, cfg):
-    value, metrics = real_loss(policy, reference, {k: v for k, v in batch.items() if k != "inject"}, cfg)
-    return value + batch["inject"], metrics
-  monkeypatch.setattr(training, "preference_loss", loss)
+  def fn(cfg, ctx, batch):
+    out = real.fn(cfg, ctx, {k: v for k, v in batch.items() if k != "inject"})
+    return out._replace(losses=out.losses + batch["inject"])
+  monkeypatch.setitem(objectives.OBJECTIVES, "dpo", dataclasses.replace(real, fn=fn))
 
 
 # Row 4: NaN between log steps (checkpoint_every < log_every) -> stop, nothing non-finite saved.

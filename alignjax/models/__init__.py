@@ -1,4 +1,4 @@
-"""Flax NNX language models: one decoder for the Hugging Face families, plus `TinyLM`.
+"""Flax NNX language models: one decoder for the Hugging Face families.
 
 `Transformer(ModelConfig)` runs Llama 1-3.x, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 and GPT-2
 exactly as transformers does; `from_hf` / `to_hf` read and write their `save_pretrained`
@@ -7,8 +7,7 @@ directories; `config_from_hf` / `config_to_hf` translate the configs.
 
 from alignjax.models.config import ModelConfig
 from alignjax.models.hf import config_from_hf, config_to_hf, from_hf, read_hf_config, to_hf
-from alignjax.models.tiny import TinyLM, TinyLMConfig
 from alignjax.models.transformer import KVCache, Transformer
 
-__all__ = ["KVCache", "ModelConfig", "TinyLM", "TinyLMConfig", "Transformer", "config_from_hf",
+__all__ = ["KVCache", "ModelConfig", "Transformer", "config_from_hf",
            "config_to_hf", "from_hf", "read_hf_config", "to_hf"]

@@ -39,6 +39,15 @@ def _key_name(k: Any) -> str:
   return str(k)
 
 
+def _is_nnx(obj: Any) -> bool:
+  return isinstance(obj, (nnx.Module, nnx.Object)) if hasattr(nnx, "Object") else isinstance(obj, nnx.Module)
+
+
+def _state(obj: Any) -> Any:
+  """What is saved for ``obj``: its ``nnx.state`` for NNX objects, else the pytree itself."""
+  return nnx.state(obj) if _is_nnx(obj) else obj
+
+
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """``{"policy/blocks/0/qkv/kernel": shape}`` for every array leaf of ``tree``."""
   out = {}
@@ -103,14 +112,17 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, objects: Mapping[str, nnx.Object], *, wait: bool = True) -> None:
+  def save(self, step: int, objects: Mapping[str, Any], *, wait: bool = True) -> None:
     """Saves ``objects`` as ``step``; verifies it, then deletes steps beyond ``max_to_keep``.
+
+    Values are NNX objects (their ``nnx.state`` is saved) or pytrees of arrays
+    (e.g. a :class:`alignjax.training.steps.TrainState`).
 
     ``wait=False`` returns once the save is dispatched; verification and rotation
     then happen at the next :meth:`save`, :meth:`wait` or :meth:`close`.
     """
     self.wait()
-    state = {name: nnx.state(obj) for name, obj in objects.items()}
+    state = {name: _state(obj) for name, obj in objects.items()}
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
     self._pending = (step, _shapes(state))
     if wait:
@@ -151,19 +163,26 @@ class Checkpointer:
     for s in steps[:-self.max_to_keep]:
       self._manager.delete(s)
 
-  def restore(self, objects: Mapping[str, nnx.Object], step: Optional[int] = None) -> int:
-    """Restores ``step`` (default: latest) into ``objects`` in place; returns the step."""
+  def restore(self, objects: Mapping[str, Any], step: Optional[int] = None) -> int:
+    """Restores ``step`` (default: latest) into ``objects`` in place; returns the step.
+
+    NNX objects are updated in place; a pytree value is replaced in ``objects``
+    (which must then be a mutable mapping) by the restored pytree.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
-    abstract = {name: nnx.state(obj) for name, obj in objects.items()}
+    abstract = {name: _state(obj) for name, obj in objects.items()}
     self._check_compatible(step, abstract)
     restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    for name, obj in objects.items():
-      nnx.update(obj, restored[name])
+    for name, obj in list(objects.items()):
+      if _is_nnx(obj):
+        nnx.update(obj, restored[name])
+      else:
+        objects[name] = restored[name]
     return step
 
-  def restore_latest_valid(self, objects: Mapping[str, nnx.Object]) -> Optional[int]:
+  def restore_latest_valid(self, objects: Mapping[str, Any]) -> Optional[int]:
     """Restores the newest readable step into ``objects``; ``None`` if there is none.
 
     Unreadable newer steps are warned about (with the reason) and renamed to

@@ -122,18 +122,13 @@ BUDGET_FIELDS = ("dpo.steps",)
 def loss_names() -> tuple[str, ...]:
   """Valid ``loss.name`` values: the preference objectives the training loop runs.
 
-  Taken from the objectives table (``alignjax.training.objectives.OBJECTIVES``)
-  when it exists, restricted to the losses :mod:`alignjax.training.loop` trains
-  (``sft`` is the warm-up phase; AlignDistil needs teacher models).
+  Taken from the objectives table (``alignjax.training.objectives.OBJECTIVES``):
+  every objective that needs a reference model (``sft`` is the warm-up phase;
+  AlignDistil needs its frozen teacher models).
   """
-  from alignjax.training import preference  # pylint: disable=import-outside-toplevel
-  runnable = tuple(preference.LOSS_NAMES)
-  try:
-    from alignjax.training import objectives  # pylint: disable=import-outside-toplevel
-    table = tuple(objectives.OBJECTIVES)
-  except Exception:  # pylint: disable=broad-except  # table not there
-    return runnable
-  return tuple(n for n in table if n in runnable) or runnable
+  from alignjax.training import objectives  # pylint: disable=import-outside-toplevel
+  return tuple(name for name, obj in objectives.OBJECTIVES.items()
+               if obj.needs in ("reference_logps", "reference_logits"))
 
 
 def _fields(cls) -> list[dataclasses.Field]:

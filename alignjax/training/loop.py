@@ -32,7 +32,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from alignjax.training import config as config_lib
 from alignjax.training import run as run_lib
@@ -63,37 +63,30 @@ def fresh_workdir(workdir: str) -> str:
   return candidate
 
 
-def _make_step(loss_fn: Callable) -> Callable:
-  """A jitted update with an in-graph finite check; a non-finite update is not applied."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+def optimizer(phase: config_lib.PhaseConfig, *, weight_decay: float) -> Any:
+  """AdamW with linear warm-up and cosine decay to 10% of ``phase.learning_rate``.
+
+  Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization",
+  arXiv:1711.05101. Gradient clipping is done by the train step.
+  """
   import optax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  @nnx.jit
-  def step(policy, optimizer, reference, batch):
-    old = jax.tree.map(lambda a: a, nnx.state((policy, optimizer)))
-    (loss, metrics), grads = nnx.value_and_grad(
-        lambda p: loss_fn(p, reference, batch), has_aux=True)(policy)
-    grad_norm = optax.global_norm(grads)
-    optimizer.update(policy, grads)
-    param_norm = optax.global_norm(nnx.state(policy, nnx.Param))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-    new = nnx.state((policy, optimizer))
-    nnx.update((policy, optimizer), jax.tree.map(lambda a, b: jnp.where(finite, b, a), old, new))
-    return dict(metrics, grad_norm=grad_norm, finite=finite)
-
-  return step
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, phase.learning_rate, max(phase.warmup_steps, 1), max(phase.steps, phase.warmup_steps + 1),
+      end_value=0.1 * phase.learning_rate)
+  return optax.adamw(schedule, weight_decay=weight_decay)
 
 
-def evaluate(eval_fn, policy, reference, data: Mapping[str, Any], batch_size: int) -> dict[str, float]:
-  """Example-weighted mean of ``eval_fn`` metrics over ``data`` in batches."""
+def evaluate(eval_fn, params, frozen, data: Mapping[str, Any], batch_size: int) -> dict[str, float]:
+  """Example-weighted mean of ``eval_fn(params, batch, frozen)`` metrics over ``data`` in batches.
+
+  ``eval_fn`` is a :func:`alignjax.training.steps.make_eval_step` function.
+  """
   n = len(data["chosen_tokens"])
   totals: dict[str, float] = {}
   for start in range(0, n, batch_size):
     batch = {k: v[start:start + batch_size] for k, v in data.items()}
     size = len(batch["chosen_tokens"])
-    for k, v in eval_fn(policy, reference, batch).items():
+    for k, v in eval_fn(params, batch, frozen).items():
       totals[k] = totals.get(k, 0.0) + float(v) * size
   return {k: v / n for k, v in totals.items()}
 
@@ -180,9 +173,12 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from alignjax import training  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from alignjax.data import SortingTask, preference_batches, sorting_preferences, to_arrays  # pylint: disable=import-outside-toplevel
   from alignjax.models import Transformer  # pylint: disable=import-outside-toplevel
+  from alignjax.training import objectives  # pylint: disable=import-outside-toplevel
+  from alignjax.training import reference as reference_lib  # pylint: disable=import-outside-toplevel
+  from alignjax.training import steps as steps_lib  # pylint: disable=import-outside-toplevel
   from alignjax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
 
   main = jax.process_index() == 0
@@ -192,7 +188,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   if record.get("budget"):
     stored_budget = dict(record["budget"])
 
-  loss_cfg = training.LossConfig.from_mapping(dict(config_lib.flatten(cfg.loss)))
+  loss_cfg = objectives.LossConfig.from_mapping(dict(config_lib.flatten(cfg.loss)))
   task = SortingTask(cfg.data.num_symbols, cfg.data.min_len, cfg.data.max_len)
   data_dir = os.path.abspath(cfg.data.dir) if cfg.data.dir else os.path.join(workdir, "data")
   train_source, eval_source = sorting_preferences(
@@ -202,16 +198,14 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   eval_data = to_arrays(eval_source)
 
   policy = Transformer(cfg.model.model_config(task.vocab_size), rngs=nnx.Rngs(cfg.seed))
-  reference = nnx.clone(policy)
   sft_steps, total = cfg.sft.steps, cfg.sft.steps + cfg.dpo.steps
-  common = dict(weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
-  sft_opt = training.make_optimizer(
-      policy, learning_rate=cfg.sft.learning_rate, warmup_steps=cfg.sft.warmup_steps,
-      total_steps=cfg.sft.steps, **common)
-  pref_opt = training.make_optimizer(
-      policy, learning_rate=cfg.dpo.learning_rate, warmup_steps=cfg.dpo.warmup_steps,
-      total_steps=cfg.dpo.steps, **common)
-  objects = {"policy": policy, "reference": reference, "sft_opt": sft_opt, "pref_opt": pref_opt}
+  sft_tx = optimizer(cfg.sft, weight_decay=cfg.weight_decay)
+  pref_tx = optimizer(cfg.dpo, weight_decay=cfg.weight_decay)
+  ref_mode, frozen = reference_lib.online(policy)
+  # Everything a resumed run needs, as pytrees: both phases' train states and the
+  # frozen reference (the policy at the end of SFT).
+  objects = {"sft": steps_lib.init_state(policy, sft_tx), "pref": steps_lib.init_state(policy, pref_tx),
+             "reference": jax.tree.map(jnp.copy, frozen["reference"])}
 
   ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.max_checkpoints, warn=_warn if main else (lambda m: None))
   writer = run_lib.metrics_writer(workdir) if writer is None else writer
@@ -236,7 +230,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
         json.dump(config_lib.flatten(cfg), f, indent=2)
     writer.open(start)
     progress = progress or run_lib.Progress(total, start, enabled=main)
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))
+    n_params = sum(x.size for x in jax.tree.leaves(objects["sft"].params))
     progress.set_peak_flops(run_lib.peak_flops("float32"))
     if start:
       progress.message(f"resumed from step {start} of {total} ({ckpt_dir})")
@@ -244,9 +238,19 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
         f"alignjax: {loss_cfg.name} on sorting preferences | devices={jax.devices()} | params={n_params:,} | "
         f"steps: sft {sft_steps} + preference {cfg.dpo.steps}")
 
-    pref_step = _make_step(lambda p, r, b: training.preference_loss(p, r, b, loss_cfg))
-    sft_step = _make_step(lambda p, r, b: training.sft_loss(p, b))
-    pref_eval = training.make_preference_eval(loss_cfg)
+    # Non-finite updates are never applied (skip_nonfinite); the loop then stops or goes on.
+    step_kwargs = dict(max_grad_norm=cfg.max_grad_norm, skip_nonfinite=True)
+    sft_step = steps_lib.make_train_step(
+        policy, sft_tx, objectives.LossConfig(name="sft"), reference_lib.none()[0], **step_kwargs)
+    pref_step = steps_lib.make_train_step(policy, pref_tx, loss_cfg, ref_mode, **step_kwargs)
+    pref_eval = steps_lib.make_eval_step(policy, loss_cfg, ref_mode)
+
+    def start_preference_phase():
+      """The policy after SFT starts the preference phase and is its frozen reference."""
+      params = objects["sft"].params
+      objects["pref"] = steps_lib.TrainState(
+          jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), pref_tx.init(params), jnp.zeros((), jnp.int32))
+      objects["reference"] = jax.tree.map(jnp.copy, params)
 
     before = None
     before_path = os.path.join(workdir, "eval_before.json")
@@ -256,8 +260,9 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     skipped, last_saved, good = 0, start if start else None, None
     for step in range(start, total):
       if step == sft_steps:
-        nnx.update(reference, nnx.state(policy))  # the SFT model is the reference
-        before = evaluate(pref_eval, policy, reference, eval_data, cfg.eval_batch_size)
+        start_preference_phase()
+        before = evaluate(pref_eval, objects["pref"].params, {"reference": objects["reference"]},
+                          eval_data, cfg.eval_batch_size)
         if main:
           with open(before_path, "w") as f:
             json.dump(before, f)
@@ -266,11 +271,11 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
       sft = step < sft_steps
       phase = "sft" if sft else loss_cfg.name
       if sft:
-        metrics = sft_step(policy, sft_opt, reference, batch)
+        objects["sft"], metrics = sft_step(objects["sft"], batch, {})
         tokens = float(np.sum(batch["chosen_attention"]))
         flops = 6.0 * n_params * np.size(batch["chosen_tokens"])
       else:
-        metrics = pref_step(policy, pref_opt, reference, batch)
+        objects["pref"], metrics = pref_step(objects["pref"], batch, {"reference": objects["reference"]})
         tokens = float(np.sum(batch["chosen_attention"]) + np.sum(batch["rejected_attention"]))
         flops = 8.0 * n_params * 2 * np.size(batch["chosen_tokens"])  # policy fwd+bwd, reference fwd
       loss, finite = (float(x) for x in jax.device_get((metrics["loss"], metrics["finite"])))
@@ -292,7 +297,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
         good = metrics
       if done % cfg.log_every == 0 or done == total or done == sft_steps:
         scalars = {} if good is None else {
-            k: float(v) for k, v in jax.device_get(good).items() if k != "finite"}
+            k: float(v) for k, v in jax.device_get(good).items() if k not in ("finite", "skipped", "step")}
         if cfg.on_nonfinite == "skip":
           scalars["skipped_updates"] = float(skipped)
         writer.write(done, scalars, phase=phase)
@@ -309,7 +314,8 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
         raise run_lib.Preempted(stop, done)
     progress.close()
 
-    after = evaluate(pref_eval, policy, reference, eval_data, cfg.eval_batch_size)
+    final = objects["pref"] if total > sft_steps else objects["sft"]
+    after = evaluate(pref_eval, final.params, {"reference": objects["reference"]}, eval_data, cfg.eval_batch_size)
     progress.message(f"[eval @ {total}] policy:    " + _fmt(after))
     result = {"loss": loss_cfg.name, "steps": total, "eval_before": before, "eval_after": after,
               "workdir": workdir, "resumed_from": start, "skipped_updates": skipped,

@@ -154,7 +154,7 @@ def features(model, tokens, attention):
   """``(h [N,T,D], unembed)`` if the model supports ``return_hidden``, else ``(logits, identity)``.
 
   The one switch between memory-lean hidden states + chunked unembedding and
-  full logits (for models without ``return_hidden``/``unembed``, e.g. TinyLM).
+  full logits (for models without ``return_hidden``/``unembed``).
   """
   if hasattr(model, "unembed"):
     return model(tokens, attention, return_hidden=True), model.unembed

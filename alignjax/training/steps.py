@@ -47,7 +47,7 @@ Arguments:
   max_grad_norm: global-norm clipping of the accumulated gradient (None: off).
   compute_dtype: e.g. ``jnp.bfloat16``: parameters are cast for the forward/backward
     while ``state.params`` (the master weights) keep their dtype (float32).
-  skip_nonfinite: when the loss or gradient norm is not finite, keep params and
+  skip_nonfinite: when the loss, gradient norm or updated parameters are not finite, keep params and
     optimizer state unchanged and count it in ``state.skipped``.
   chunk_size: positions per chunk for label log-probs (no float32 [B, T, V]).
 
@@ -258,7 +258,9 @@ def make_train_step(
       grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Finite loss, gradients and updated parameters (a finite gradient can still
+    # overflow a parameter).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
     skipped = state.skipped
     if skip_nonfinite:
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -1,50 +1,8 @@
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from alignjax.data import SortingTask, preference_batches
 from alignjax.data.synthetic import BOS, EOS, NUM_SPECIAL, PAD, SEP
-from alignjax.models import TinyLM, TinyLMConfig
-
-
-def _model(**kw):
-  return TinyLM(TinyLMConfig(vocab_size=12, max_len=16, d_model=32, num_heads=4, d_ff=64, **kw), rngs=nnx.Rngs(0))
-
-
-def test_tiny_lm_causal_and_padding_invariant():
-  model = _model()
-  rng = np.random.default_rng(0)
-  tokens = jnp.asarray(rng.integers(1, 12, size=(2, 10)), jnp.int32)
-  logits = model(tokens)
-  assert logits.shape == (2, 10, 12) and logits.dtype == jnp.float32
-  # Causal: changing the future leaves earlier logits untouched.
-  changed = tokens.at[:, 6:].set(3)
-  np.testing.assert_allclose(model(changed)[:, :6], logits[:, :6], rtol=1e-5, atol=1e-5)
-  # Right padding: a sequence's logits don't depend on what padding follows.
-  mask = jnp.arange(10)[None] < jnp.array([[7], [10]])
-  padded = jnp.where(mask, tokens, 0)
-  junk = jnp.where(mask, tokens, 5)
-  a, b = model(padded, mask), model(junk, mask)
-  np.testing.assert_allclose(a[0, :7], b[0, :7], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(a[0, :7], model(tokens[:1, :7])[0], rtol=1e-4, atol=1e-5)
-  # Left padding gets the same positions as the unpadded sequence.
-  left = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), tokens[:1, :7]], axis=1)
-  left_mask = jnp.arange(10)[None] >= 3
-  np.testing.assert_allclose(model(left, left_mask)[0, 3:], model(tokens[:1, :7])[0], rtol=1e-4, atol=1e-5)
-  assert bool(jnp.all(jnp.isfinite(a)))
-
-
-def test_tiny_lm_errors():
-  with pytest.raises(ValueError, match="divisible"):
-    TinyLMConfig(d_model=30, num_heads=4)
-  with pytest.raises(ValueError, match="vocab_size"):
-    TinyLMConfig(vocab_size=0)
-  model = _model()
-  with pytest.raises(ValueError, match="max_len"):
-    model(jnp.zeros((1, 17), jnp.int32))
-  with pytest.raises(ValueError, match="attention_mask"):
-    model(jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 5), bool))
 
 
 def test_sorting_task_layout():
