@@ -86,7 +86,7 @@ def test_other_losses_run(tmp_path, name, extra):
   result = loop.run(cfg, workdir=str(tmp_path))
   assert np.isfinite(result["eval_after"]["loss"])
   if name.startswith("tdpo"):
-    assert result["eval_after"]["chosen_seq_kl"] > 0
+    assert result["eval_after"]["kl/chosen_seq"] > 0
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

@@ -197,7 +197,7 @@ def _inject_nan(monkeypatch, at_step):
 
   def fn(cfg, ctx, batch):
     out = real.fn(cfg, ctx, {k: v for k, v in batch.items() if k != "inject"})
-    return out._replace(losses=out.losses + batch["inject"])
+    return out._replace(losses=out.losses + batch.get("inject", 0.0))
   monkeypatch.setitem(objectives.OBJECTIVES, "dpo", dataclasses.replace(real, fn=fn))
 
 
