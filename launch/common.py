@@ -22,6 +22,10 @@ from typing import Callable, Optional
 from absl import app, flags, logging
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show Python tracebacks for user errors.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Multi-host: call jax.distributed.initialize() first (run the same command on every host; on Cloud TPU "
+    "and under SLURM the coordinator is found automatically).")
 _CONFIG_HELP = flags.DEFINE_bool(
     "config_help", False, "List every config field with its default, and the valid loss names, then exit.")
 
@@ -99,6 +103,9 @@ def _wrap(main: Callable) -> Callable:
       return 0
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    if _DISTRIBUTED.value:
+      import jax  # pylint: disable=import-outside-toplevel
+      jax.distributed.initialize()
     from alignjax.training import config as config_lib  # pylint: disable=import-outside-toplevel
     from alignjax.training import run as run_lib  # pylint: disable=import-outside-toplevel
     try:

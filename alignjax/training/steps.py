@@ -133,14 +133,15 @@ def state_shardings(model: nnx.Module, tx: optax.GradientTransformation, mesh) -
   """:class:`TrainState` of ``NamedSharding`` for ``mesh`` (see the module docstring)."""
   param_sh = _param_shardings(model, mesh)
   abstract = abstract_state(model, tx)
-  flat_params = [(_path_key(p), x.shape, s) for (p, x), s in zip(
-      jax.tree_util.tree_flatten_with_path(abstract.params)[0], jax.tree.leaves(param_sh))]
+  by_path = {_path_key(p): (tuple(x.shape), s) for (p, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(abstract.params)[0], jax.tree.leaves(param_sh))}
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def pick(path, x):
     key = _path_key(path)
-    for pkey, shape, s in flat_params:
-      if tuple(x.shape) == tuple(shape) and len(key) >= len(pkey) and key[len(key) - len(pkey):] == pkey:
+    for i in range(len(key)):  # the longest suffix of the leaf's path that names a parameter
+      shape, s = by_path.get(key[i:], (None, None))
+      if shape is not None and shape == tuple(x.shape):
         return s
     return replicated
   opt_sh = jax.tree_util.tree_map_with_path(pick, abstract.opt_state)
