@@ -22,7 +22,7 @@ import math
 from typing import Any, Iterable, Mapping
 
 __all__ = [
-    "ConfigError", "DataConfig", "LossSpec", "ModelSpec", "PhaseConfig", "RunConfig",
+    "ConfigError", "DataConfig", "LossSpec", "MeshSpec", "ModelSpec", "PhaseConfig", "RunConfig",
     "RESUMABLE_FIELDS", "build", "field_help", "flatten", "identity", "identity_diff",
     "loss_names", "to_config_dict",
 ]
@@ -90,6 +90,18 @@ class LossSpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshSpec:
+  """The device mesh (``alignjax.sharding.make_mesh``); all 1 = one device, no mesh."""
+  data: int = _f(1, "data-parallel axis size (>= 1)")
+  fsdp: int = _f(1, "fully-sharded data-parallel axis size (>= 1)")
+  tensor: int = _f(1, "tensor-parallel axis size (>= 1)")
+
+  @property
+  def enabled(self) -> bool:
+    return (self.data, self.fsdp, self.tensor) != (1, 1, 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
   """Everything that defines (and paces) a training run."""
   seed: int = _f(0, "seed of the data set, the shuffle and the model init (>= 0)")
@@ -100,6 +112,7 @@ class RunConfig:
   dpo: PhaseConfig = dataclasses.field(
       default_factory=lambda: PhaseConfig(steps=200, learning_rate=5e-4, warmup_steps=10))
   loss: LossSpec = dataclasses.field(default_factory=LossSpec)
+  mesh: MeshSpec = dataclasses.field(default_factory=MeshSpec)
   batch_size: int = _f(32, "preference pairs per step (>= 1)")
   eval_batch_size: int = _f(128, "pairs per evaluation batch (>= 1)")
   weight_decay: float = _f(0.0, "AdamW weight decay (>= 0)")
@@ -114,7 +127,7 @@ class RunConfig:
 # Fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = frozenset({
     "dpo.steps", "log_every", "checkpoint_every", "max_checkpoints", "eval_batch_size",
-    "on_nonfinite", "max_loss", "data.dir",
+    "on_nonfinite", "max_loss", "data.dir", "mesh.data", "mesh.fsdp", "mesh.tensor",
 })
 BUDGET_FIELDS = ("dpo.steps",)
 
@@ -361,6 +374,15 @@ def validate(cfg: RunConfig) -> None:
   _check(cfg.on_nonfinite in ("stop", "skip"),
          f"config.on_nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}.")
   _check(cfg.max_loss > 0, f"config.max_loss must be > 0 (inf disables the check), got {cfg.max_loss}.")
+  mesh = cfg.mesh
+  for axis in ("data", "fsdp", "tensor"):
+    _check(getattr(mesh, axis) >= 1, f"config.mesh.{axis} must be >= 1, got {getattr(mesh, axis)}.")
+  shards = mesh.data * mesh.fsdp
+  for name, size in (("batch_size", cfg.batch_size), ("eval_batch_size", cfg.eval_batch_size),
+                     ("data.eval_examples", d.eval_examples)):
+    _check(size % shards == 0,
+           f"config.{name} ({size}) must be divisible by config.mesh.data * config.mesh.fsdp ({shards}): "
+           "the batch is split over those axes.")
 
 
 def to_config_dict(cfg: RunConfig | None = None):

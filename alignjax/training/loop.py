@@ -76,17 +76,65 @@ def optimizer(phase: config_lib.PhaseConfig, *, weight_decay: float) -> Any:
   return optax.adamw(schedule, weight_decay=weight_decay)
 
 
-def evaluate(eval_fn, params, frozen, data: Mapping[str, Any], batch_size: int) -> dict[str, float]:
+def first_on_process_zero(fn, name: str):
+  """``fn()`` on process 0, then (after a barrier) on the others: builds shared files once."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  out = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(name)
+  return out if jax.process_index() == 0 else fn()
+
+
+def make_mesh(spec: config_lib.MeshSpec):
+  """The run's ``jax.sharding.Mesh`` (None when every axis is 1: one device, no mesh)."""
+  if not spec.enabled:
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_count() > 1:
+      raise ConfigError(f"config.mesh: a run over {jax.process_count()} processes needs a mesh "
+                        "(set config.mesh.data/fsdp/tensor so their product is the device count).")
+    return None
+  from alignjax import sharding  # pylint: disable=import-outside-toplevel
+  try:
+    return sharding.make_mesh(spec.data, spec.fsdp, spec.tensor)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
+
+
+def global_batch(mesh) -> Any:
+  """``fn(host_batch) -> batch`` the step takes: host arrays, or global arrays over ``mesh``.
+
+  Every process holds the same global batch (the data order is a function of the
+  seed and the step); each places only the rows its own devices hold.
+  """
+  if mesh is None:
+    return lambda batch: batch
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from alignjax import sharding  # pylint: disable=import-outside-toplevel
+
+  def put(x):
+    x = np.asarray(x)
+    s = sharding.batch_sharding(mesh, ndim=x.ndim) if x.ndim else jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec())
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  return lambda batch: {k: put(v) for k, v in batch.items()}
+
+
+def evaluate(eval_fn, params, frozen, data: Mapping[str, Any], batch_size: int, *,
+             to_device=lambda b: b) -> dict[str, float]:
   """Example-weighted mean of ``eval_fn(params, batch, frozen)`` metrics over ``data`` in batches.
 
-  ``eval_fn`` is a :func:`alignjax.training.steps.make_eval_step` function.
+  ``eval_fn`` is a :func:`alignjax.training.steps.make_eval_step` function;
+  ``to_device`` places each host batch (see :func:`global_batch`).
   """
   n = len(data["chosen_tokens"])
   totals: dict[str, float] = {}
   for start in range(0, n, batch_size):
     batch = {k: v[start:start + batch_size] for k, v in data.items()}
     size = len(batch["chosen_tokens"])
-    for k, v in eval_fn(params, batch, frozen).items():
+    for k, v in eval_fn(params, to_device(batch), frozen).items():
       totals[k] = totals.get(k, 0.0) + float(v) * size
   return {k: v / n for k, v in totals.items()}
 
@@ -191,21 +239,24 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   loss_cfg = objectives.LossConfig.from_mapping(dict(config_lib.flatten(cfg.loss)))
   task = SortingTask(cfg.data.num_symbols, cfg.data.min_len, cfg.data.max_len)
   data_dir = os.path.abspath(cfg.data.dir) if cfg.data.dir else os.path.join(workdir, "data")
-  train_source, eval_source = sorting_preferences(
+  train_source, eval_source = first_on_process_zero(lambda: sorting_preferences(
       task, train_examples=cfg.data.train_examples, eval_examples=cfg.data.eval_examples,
-      seed=cfg.seed, data_dir=data_dir)
+      seed=cfg.seed, data_dir=data_dir), "alignjax-data")
   train_ds = preference_batches(train_source, cfg.batch_size, seed=cfg.seed)
   eval_data = to_arrays(eval_source)
 
+  mesh = make_mesh(cfg.mesh)
   policy = Transformer(cfg.model.model_config(task.vocab_size), rngs=nnx.Rngs(cfg.seed))
   sft_steps, total = cfg.sft.steps, cfg.sft.steps + cfg.dpo.steps
   sft_tx = optimizer(cfg.sft, weight_decay=cfg.weight_decay)
   pref_tx = optimizer(cfg.dpo, weight_decay=cfg.weight_decay)
-  ref_mode, frozen = reference_lib.online(policy)
+  ref_mode, frozen = reference_lib.online(policy, mesh=mesh)
   # Everything a resumed run needs, as pytrees: both phases' train states and the
-  # frozen reference (the policy at the end of SFT).
-  objects = {"sft": steps_lib.init_state(policy, sft_tx), "pref": steps_lib.init_state(policy, pref_tx),
+  # frozen reference (the policy at the end of SFT); sharded over the mesh if any.
+  objects = {"sft": steps_lib.init_state(policy, sft_tx, mesh=mesh),
+             "pref": steps_lib.init_state(policy, pref_tx, mesh=mesh),
              "reference": jax.tree.map(jnp.copy, frozen["reference"])}
+  to_device = global_batch(mesh)
 
   ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.max_checkpoints, warn=_warn if main else (lambda m: None))
   writer = run_lib.metrics_writer(workdir) if writer is None else writer
@@ -239,17 +290,18 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
         f"steps: sft {sft_steps} + preference {cfg.dpo.steps}")
 
     # Non-finite updates are never applied (skip_nonfinite); the loop then stops or goes on.
-    step_kwargs = dict(max_grad_norm=cfg.max_grad_norm, skip_nonfinite=True)
+    step_kwargs = dict(max_grad_norm=cfg.max_grad_norm, skip_nonfinite=True, mesh=mesh)
     sft_step = steps_lib.make_train_step(
         policy, sft_tx, objectives.LossConfig(name="sft"), reference_lib.none()[0], **step_kwargs)
     pref_step = steps_lib.make_train_step(policy, pref_tx, loss_cfg, ref_mode, **step_kwargs)
-    pref_eval = steps_lib.make_eval_step(policy, loss_cfg, ref_mode)
+    pref_eval = steps_lib.make_eval_step(policy, loss_cfg, ref_mode, mesh=mesh)
 
     def start_preference_phase():
       """The policy after SFT starts the preference phase and is its frozen reference."""
       params = objects["sft"].params
       objects["pref"] = steps_lib.TrainState(
-          jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), pref_tx.init(params), jnp.zeros((), jnp.int32))
+          objects["pref"].step * 0, jax.tree.map(jnp.copy, params), jax.jit(pref_tx.init)(params),
+          objects["pref"].skipped * 0)
       objects["reference"] = jax.tree.map(jnp.copy, params)
 
     before = None
@@ -262,22 +314,23 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
       if step == sft_steps:
         start_preference_phase()
         before = evaluate(pref_eval, objects["pref"].params, {"reference": objects["reference"]},
-                          eval_data, cfg.eval_batch_size)
+                          eval_data, cfg.eval_batch_size, to_device=to_device)
         if main:
           with open(before_path, "w") as f:
             json.dump(before, f)
         progress.message(f"[eval @ {step}] reference: " + _fmt(before))
-      batch = train_ds[step]
+      host_batch = train_ds[step]
+      batch = to_device(host_batch)
       sft = step < sft_steps
       phase = "sft" if sft else loss_cfg.name
       if sft:
         objects["sft"], metrics = sft_step(objects["sft"], batch, {})
-        tokens = float(np.sum(batch["chosen_attention"]))
-        flops = 6.0 * n_params * np.size(batch["chosen_tokens"])
+        tokens = float(np.sum(host_batch["chosen_attention"]))
+        flops = 6.0 * n_params * np.size(host_batch["chosen_tokens"])
       else:
         objects["pref"], metrics = pref_step(objects["pref"], batch, {"reference": objects["reference"]})
-        tokens = float(np.sum(batch["chosen_attention"]) + np.sum(batch["rejected_attention"]))
-        flops = 8.0 * n_params * 2 * np.size(batch["chosen_tokens"])  # policy fwd+bwd, reference fwd
+        tokens = float(np.sum(host_batch["chosen_attention"]) + np.sum(host_batch["rejected_attention"]))
+        flops = 8.0 * n_params * 2 * np.size(host_batch["chosen_tokens"])  # policy fwd+bwd, reference fwd
       loss, finite = (float(x) for x in jax.device_get((metrics["loss"], metrics["finite"])))
       done = step + 1
       progress.step(done, tokens=tokens, flops=flops)
@@ -315,7 +368,8 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     progress.close()
 
     final = objects["pref"] if total > sft_steps else objects["sft"]
-    after = evaluate(pref_eval, final.params, {"reference": objects["reference"]}, eval_data, cfg.eval_batch_size)
+    after = evaluate(pref_eval, final.params, {"reference": objects["reference"]}, eval_data, cfg.eval_batch_size,
+                     to_device=to_device)
     progress.message(f"[eval @ {total}] policy:    " + _fmt(after))
     result = {"loss": loss_cfg.name, "steps": total, "eval_before": before, "eval_after": after,
               "workdir": workdir, "resumed_from": start, "skipped_updates": skipped,
