@@ -101,6 +101,11 @@ def _word_tokenizer(vocab_size):
                                  eos_token="t2")
 
 
+def _tunix_cache_size(prompt_len: int, new_tokens: int) -> int:
+  """Tunix pads the tokenised prompt (BOS + prompt) to a power of two; the cache must hold that + new tokens."""
+  return 2 ** prompt_len.bit_length() + new_tokens + 8
+
+
 def _tunix_model(mods, cfg, hf_dir):
   """A Tunix Llama-3 with the benchmark's weights, or raises."""
   _, llama3 = mods
@@ -183,7 +188,7 @@ def main(argv):
             sampler_mod, _ = tunix_mods
             tk = _word_tokenizer(cfg.vocab_size)
             sampler = sampler_mod.Sampler(
-                tunix_model, tk, sampler_mod.CacheConfig(cache_size=P + N + 8, num_layers=cfg.num_layers,
+                tunix_model, tk, sampler_mod.CacheConfig(cache_size=_tunix_cache_size(P, N), num_layers=cfg.num_layers,
                                                          num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim))
             texts = [" ".join(f"t{i}" for i in row) for row in prompts]
 

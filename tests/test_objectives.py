@@ -141,9 +141,8 @@ def _numpy_aligndistil(student, dpo, contrast, mask, beta, beta2, temperature):
 
 def test_aligndistil_matches_numpy(models, batch, table_losses):
   got = table_losses[_case_id("aligndistil", {"beta2": 2.0, "temperature": 1.5})]
-  per_side = []
-  for side in ("chosen", "rejected"):
-    tok, att = batch[f"{side}_tokens"], batch[f"{side}_attention"]
-    logits = [plain_logits(m, tok, att)[:, :-1] for m in models]
-    per_side.append(_numpy_aligndistil(*logits, batch[f"{side}_response"][:, 1:], BETA, 2.0, 1.5))
-  np.testing.assert_allclose(got, np.mean(0.5 * (per_side[0] + per_side[1])), rtol=1e-4, atol=1e-6)
+  # Off-policy AlignDistil distils the chosen responses only (the authors' off-policy trainer).
+  tok, att = batch["chosen_tokens"], batch["chosen_attention"]
+  logits = [plain_logits(m, tok, att)[:, :-1] for m in models]
+  want = _numpy_aligndistil(*logits, batch["chosen_response"][:, 1:], BETA, 2.0, 1.5)
+  np.testing.assert_allclose(got, np.mean(want), rtol=1e-4, atol=1e-6)

@@ -60,6 +60,8 @@ class LossConfig:
     mode: AlignDistil teacher mode, one of :data:`ALIGNDISTIL_MODES`.
     temperature: AlignDistil teacher temperature (> 0).
     length_normalize: AlignDistil per-example mean over tokens (else sum).
+    on_policy: AlignDistil on the student's own samples: the student's logits
+      are divided by ``temperature`` (the authors' on-policy trainer).
   """
 
   name: str = "dpo"
@@ -72,6 +74,7 @@ class LossConfig:
   mode: str = "aligndistil"
   temperature: float = 1.0
   length_normalize: bool = True
+  on_policy: bool = False
 
   def __post_init__(self):
     if self.name not in OBJECTIVES:
@@ -266,8 +269,19 @@ def _tdpo(variant: str) -> Callable:
 
 
 def _aligndistil(cfg: LossConfig, ctx: Context, batch) -> ObjectiveOutput:
-  """Distils the student on the chosen and rejected responses of the batch (all 2B rows)."""
-  tokens, attention, mask = pair_inputs(batch)
+  """AlignDistil (Zhang et al. 2025, arXiv:2503.02832) on the CHOSEN rows of the batch.
+
+  As the authors' trainers: off-policy, the chosen responses of the preference
+  set are distilled (their off-policy trainer reads the chosen side only);
+  on-policy (``cfg.on_policy``), the chosen rows hold the student's own samples
+  and the student's logits are divided by ``cfg.temperature`` first, as their
+  on-policy trainer does. The rejected rows are not read. Per-example metrics
+  are the authors' logged ones (mean weight, expected token rewards, KL to the
+  DPO and contrast models).
+  """
+  tokens = jnp.asarray(batch[batch_lib.key("chosen", "tokens")])
+  attention = batch[batch_lib.key("chosen", "attention")]
+  mask = jnp.asarray(batch[batch_lib.key("chosen", "response")])[:, 1:].astype(jnp.float32)
   h, unembed = features(ctx.policy, tokens, attention)
   hd, ud = features(ctx.frozen["dpo"], tokens, attention)
   hc, uc = features(ctx.frozen["contrast"], tokens, attention)
@@ -281,21 +295,32 @@ def _aligndistil(cfg: LossConfig, ctx: Context, batch) -> ObjectiveOutput:
 
   @jax.checkpoint
   def chunk_loss(hs, hdc, hcc, m):
-    losses, _ = L.aligndistil_loss(
-        unembed(hs), ud(hdc), uc(hcc), m, beta=cfg.beta, beta2=cfg.beta2, mode=cfg.mode,
+    zs = unembed(hs)
+    if cfg.on_policy:
+      zs = zs.astype(jnp.float32) / cfg.temperature
+    losses, out = L.aligndistil_loss(
+        zs, ud(hdc), uc(hcc), m, beta=cfg.beta, beta2=cfg.beta2, mode=cfg.mode,
         temperature=cfg.temperature, length_normalize=False)
-    return losses
+    stats = jnp.stack([jnp.sum(out.weights * m, axis=-1), out.expected_reward, out.dpo_expected_reward,
+                       out.seq_kl_dpo, out.seq_kl_contrast], axis=-1)
+    return losses, jax.lax.stop_gradient(stats)
 
-  _, per_chunk = jax.lax.scan(lambda _, xs: (None, chunk_loss(*xs)), None,
-                              (chunks(h), chunks(hd), chunks(hc), chunks(mask)))
-  summed = per_chunk.sum(axis=0)                                   # [2B]
+  _, (per_chunk, stats) = jax.lax.scan(lambda _, xs: (None, chunk_loss(*xs)), None,
+                                       (chunks(h), chunks(hd), chunks(hc), chunks(mask)))
+  summed, stats = per_chunk.sum(axis=0), stats.sum(axis=0)        # [B], [B, 5]
   count = mask.sum(axis=-1)
-  losses = summed / jnp.maximum(count, 1.0) if cfg.length_normalize else summed
-  chosen_l, rejected_l = batch_lib.split_pair(losses)
-  per_pair = 0.5 * (chosen_l + rejected_l)
-  return ObjectiveOutput(per_pair, jnp.ones_like(per_pair),
-                         {"distil/chosen": jax.lax.stop_gradient(chosen_l),
-                          "distil/rejected": jax.lax.stop_gradient(rejected_l)})
+  denom = jnp.maximum(count, 1.0)
+  losses = summed / denom if cfg.length_normalize else summed
+  return ObjectiveOutput(losses, jnp.ones_like(losses), {
+      "distil/loss": jax.lax.stop_gradient(losses),
+      "distil/mean_weight": stats[:, 0] / denom,
+      "distil/expected_reward": stats[:, 1],
+      "distil/dpo_expected_reward": stats[:, 2],
+      "distil/seq_kl_dpo": stats[:, 3],
+      "distil/token_kl_dpo": stats[:, 3] / denom,
+      "distil/seq_kl_contrast": stats[:, 4],
+      "distil/token_kl_contrast": stats[:, 4] / denom,
+  })
 
 
 def _sft(cfg: LossConfig, ctx: Context, batch) -> ObjectiveOutput:
