@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Runs the main job: a tiny DPO run on a generated preference set (embedded
-# default config). Extra args go to the launcher, e.g. --config.loss.name=ipo.
+# Runs the main job: the reward-KL frontier study (launch/study.py, embedded
+# default config, a few minutes on 2 CPU cores). Extra args go to the launcher.
+# A first argument naming another launcher runs that one instead:
+#   ./train.sh                                   # the study
+#   ./train.sh train --config.loss.name=ipo      # one training run (launch/train.py)
+#   ./train.sh sample|pipeline|convert|plan ...  # launch/<name>.py
 # Relative paths (--workdir, --config, --config.data.dir) resolve against the
 # directory you call it from. Installs only the main job's dependencies.
 set -euo pipefail
@@ -8,6 +12,10 @@ REPO="$(cd "$(dirname "$0")" && pwd)"
 if [[ -z "${ALIGNJAX_SKIP_BOOTSTRAP:-}" ]]; then
   "$REPO/scripts/bootstrap.sh" main
 fi
+LAUNCHER=study
+case "${1:-}" in
+  study|train|sample|pipeline|convert|plan) LAUNCHER="$1"; shift ;;
+esac
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-exec "$REPO/.venv/bin/python" -m launch.train "$@"
+exec "$REPO/.venv/bin/python" -m "launch.$LAUNCHER" "$@"

@@ -283,7 +283,7 @@ def test_second_launcher_is_refused_naming_the_pid(tmp_path):
 # Row 11: relative paths resolve against the caller's directory, through train.sh too.
 def test_relative_paths_resolve_against_the_callers_cwd(tmp_path):
   e = dict(env(), ALIGNJAX_SKIP_BOOTSTRAP="1")
-  proc = subprocess.run([str(ROOT / "train.sh"), "--workdir=myrun", "--config.data.dir=mydata",
+  proc = subprocess.run([str(ROOT / "train.sh"), "train", "--workdir=myrun", "--config.data.dir=mydata",
                          *flags(**{"dpo.steps": 2})],
                         cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
