@@ -81,3 +81,26 @@ def test_bad_inputs():
     TASK.gold_reward(np.zeros(3))
   with pytest.raises(ValueError, match="rewards"):
     reviews.bradley_terry_pairs(np.zeros((3, 1)), seed=0)
+
+
+def test_sampled_preferences_layout_and_labels():
+  task = reviews.ReviewsTask()
+  rng = np.random.default_rng(0)
+  n, k = 300, 4
+  prompts = np.repeat(task.prompts(task.sample_topics(n, 0))[0], k, axis=0)
+  resp = rng.integers(task.topic_offset + task.num_topics, task.vocab_size, size=(n * k, 6)).astype(np.int32)
+  resp[:, 4] = EOS
+  mask = np.ones(resp.shape, bool)
+  mask[:, 5] = False
+  out = reviews.sampled_preferences(task, prompts, resp, mask, num_samples=k, seed=0, temperature=0.05)
+  assert out["chosen_tokens"].shape == (n * 2, 9)
+  assert (out["chosen_tokens"][:, 8] == PAD).all() and not out["chosen_attention"][:, 8].any()
+  assert (out["chosen_response"][:, :3] == 0).all() and out["chosen_response"][:, 3:8].all()
+  # Each pair is two distinct samples of the same prompt, rewards are the gold rewards of the rows.
+  for side in ("chosen", "rejected"):
+    r = task.gold_reward(out[f"{side}_tokens"][:, 3:], out[f"{side}_response"][:, 3:])
+    np.testing.assert_allclose(out[f"{side}_reward"], r, rtol=1e-6)
+  np.testing.assert_array_equal(out["chosen_tokens"][:, :3], out["rejected_tokens"][:, :3])
+  # Bradley-Terry at a low temperature: the higher-reward response is chosen far more often than not.
+  diff = out["chosen_reward"] - out["rejected_reward"]
+  assert (diff[diff != 0] > 0).mean() > 0.9

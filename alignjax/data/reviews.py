@@ -209,3 +209,64 @@ def bradley_terry_pairs(rewards: np.ndarray, *, seed: int, temperature: float = 
   p_i = 1.0 / (1.0 + np.exp(-diff / temperature))
   prefer_i = rng.random(n) < p_i
   return np.where(prefer_i, i, j), np.where(prefer_i, j, i)
+
+
+def sampled_preferences(
+    task: ReviewsTask, prompt_tokens, responses, response_mask, *, num_samples: int, seed: int,
+    temperature: float = 0.1, pad_token_id: int = PAD,
+) -> dict[str, np.ndarray]:
+  """Preference pairs from ``K`` sampled responses per prompt, labelled by the gold reward.
+
+  The preference-data step of the controlled experiments of DPO (Rafailov et al.
+  2023, arXiv:2305.18290, Sec. 6.1) and GPO (Tang et al. 2024, arXiv:2402.05749):
+  the ``K`` samples of each prompt are shuffled (seeded) into ``K // 2``
+  disjoint pairs, and each pair is labelled with Bradley--Terry noise by
+  :func:`bradley_terry_pairs` on the gold rewards.
+
+  Args:
+    task: the task whose :meth:`ReviewsTask.gold_reward` scores the responses.
+    prompt_tokens: ``[N*K, P]`` prompts (all real tokens), prompt-major: rows
+      ``i*K .. i*K+K-1`` hold the ``K`` samples of prompt ``i``.
+    responses, response_mask: ``[N*K, L]`` sampled tokens and their mask (the
+      sampler's ``out.tokens`` / ``out.mask``).
+    num_samples: ``K >= 2``.
+    seed: seed of the pairing and of the label noise.
+    temperature: Bradley--Terry temperature of the label noise (> 0).
+    pad_token_id: token written where a response is masked.
+
+  Returns:
+    A dict of ``[N * (K // 2), P + L]`` arrays in the schema of
+    :mod:`alignjax.data.batch`, plus ``chosen_reward``/``rejected_reward``
+    (float32 ``[..]``, the gold rewards) and ``prompt_index`` (int32).
+  """
+  fn = "sampled_preferences"
+  prompts = np.asarray(prompt_tokens)
+  resp, mask = np.asarray(responses), np.asarray(response_mask, bool)
+  if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 2:
+    raise ValueError(f"{fn}: `num_samples` must be an int >= 2, got {num_samples!r}.")
+  if prompts.ndim != 2 or resp.ndim != 2 or mask.shape != resp.shape or len(prompts) != len(resp):
+    raise ValueError(f"{fn}: need `prompt_tokens` [M, P] and `responses`/`response_mask` [M, L] with one M, "
+                     f"got {prompts.shape}, {resp.shape}, {mask.shape}.")
+  if len(resp) % num_samples:
+    raise ValueError(f"{fn}: the {len(resp)} rows must be a multiple of `num_samples` {num_samples}.")
+  n, k = len(resp) // num_samples, int(num_samples)
+  rewards = task.gold_reward(resp, mask).reshape(n, k)
+  rng = np.random.default_rng(seed)
+  perm = np.argsort(rng.random((n, k)), axis=1)[:, : 2 * (k // 2)].reshape(n, k // 2, 2)
+  pair_rewards = np.take_along_axis(rewards[:, None, :], perm, axis=2).reshape(-1, 2)
+  c, r = bradley_terry_pairs(pair_rewards, seed=seed + 1, temperature=temperature)
+  flat = perm.reshape(-1, 2)
+  rows = np.arange(len(flat))
+  prompt_index = np.repeat(np.arange(n), k // 2)
+  chosen = prompt_index * k + flat[rows, c]
+  rejected = prompt_index * k + flat[rows, r]
+  out = {}
+  for side, idx in (("chosen", chosen), ("rejected", rejected)):
+    m = mask[idx]
+    out[f"{side}_tokens"] = np.concatenate(
+        [prompts[idx], np.where(m, resp[idx], pad_token_id)], axis=1).astype(np.int32)
+    out[f"{side}_attention"] = np.concatenate([np.ones(prompts[idx].shape, bool), m], axis=1)
+    out[f"{side}_response"] = np.concatenate([np.zeros(prompts[idx].shape, bool), m], axis=1)
+    out[f"{side}_reward"] = rewards.reshape(-1)[idx].astype(np.float32)
+  out["prompt_index"] = prompt_index.astype(np.int32)
+  return out

@@ -22,7 +22,7 @@ import math
 from typing import Any, Iterable, Mapping
 
 __all__ = [
-    "ConfigError", "DataConfig", "LossSpec", "MeshSpec", "ModelSpec", "PhaseConfig", "RunConfig",
+    "ConfigError", "DATA_KINDS", "DataConfig", "DistillSpec", "InitConfig", "LossSpec", "MeshSpec", "ModelSpec", "PhaseConfig", "RunConfig",
     "RESUMABLE_FIELDS", "build", "field_help", "flatten", "identity", "identity_diff",
     "loss_names", "to_config_dict",
 ]
@@ -36,15 +36,26 @@ def _f(default, help: str):
   return dataclasses.field(default=default, metadata={"help": help})
 
 
+DATA_KINDS = ("sorting", "reviews", "arrays", "file")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-  """Generated sorting preferences, written once as a TFDS array_record data set."""
+  """The training data: a generated set (written once as TFDS array_record), or the caller's data set or file."""
+  kind: str = _f("sorting", "'sorting' (generated sorting preferences), 'reviews' (generated reviews, SFT data: "
+                 "chosen == rejected), 'arrays' (a TFDS set written by alignjax.data.arrays_tfds at data.path) or "
+                 "'file' (a preference JSONL/Parquet file at data.path, tokenised with data.tokenizer)")
+  path: str = _f("", "'arrays': the data set directory; 'file': the preference file (relative: to the caller's cwd)")
+  tokenizer: str = _f("", "'file': the HF tokenizer (checkpoint) directory")
+  seq_len: int = _f(512, "'file': tokens per row, prompt + response (>= 2)")
   dir: str = _f("", "data set directory ('' = <workdir>/data); relative paths resolve against the caller's cwd")
   num_symbols: int = _f(8, "alphabet size of the sorting task (>= 2)")
   min_len: int = _f(3, "shortest list to sort (>= 2)")
   max_len: int = _f(6, "longest list to sort (>= min_len)")
   train_examples: int = _f(2048, "training pairs (>= batch_size)")
   eval_examples: int = _f(256, "held-out evaluation pairs (>= 1)")
+  swap_pairs: bool = _f(False, "train on (rejected, chosen): DPO on swapped pairs is AlignDistil's reverse-DPO "
+                        "contrast model (Zhang et al. 2025, arXiv:2503.02832)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,6 +82,14 @@ class ModelSpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class InitConfig:
+  """Where the policy starts."""
+  checkpoint: str = _f("", "the policy's start and reference ('' = random init from config.model): a finished "
+                       "run's workdir (its final policy), an alignjax model checkpoint or a Hugging Face model "
+                       "directory; its architecture replaces config.model; usually with sft.steps=0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PhaseConfig:
   """One training phase: steps and a warm-up + cosine learning-rate schedule."""
   steps: int = _f(0, "optimizer steps of this phase (>= 0)")
@@ -87,6 +106,27 @@ class LossSpec:
   robust: bool = _f(False, "robust-DPO estimator (Chowdhury et al. 2024; dpo only, needs label_smoothing > 0)")
   alpha: float = _f(0.5, "TDPO2 weight of the sequential-KL term (>= 0; Zeng et al. 2024 use 0.5)")
   average_log_prob: bool = _f(False, "token-average instead of sum the sequence log-probs")
+  beta2: float = _f(10.0, "AlignDistil beta2: w_t = beta2 * sum_v |p_dpo - p_contrast| + 1e-3 (> 0; authors: 10 "
+                    "off-policy, 15 on-policy)")
+  mode: str = _f("aligndistil", "AlignDistil teacher: aligndistil, theorem1, theorem1_contrast, theorem1_adaptive")
+  temperature: float = _f(1.0, "AlignDistil teacher temperature tau (> 0; authors: 1)")
+  length_normalize: bool = _f(True, "AlignDistil: per-example mean over the distilled tokens (authors: True)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillSpec:
+  """AlignDistil's frozen models and data (Zhang et al. 2025, arXiv:2503.02832); loss.name='aligndistil' only.
+
+  The frozen models run in inference mode with no optimizer state; the student
+  starts from ``init.checkpoint`` (the SFT run).
+  """
+  dpo_checkpoint: str = _f("", "workdir of a finished DPO run: its final policy is the frozen teacher")
+  contrast_checkpoint: str = _f("", "workdir of a finished reverse-DPO run (data.swap_pairs=True, same beta): "
+                                "its final policy is the frozen contrast model")
+  on_policy: bool = _f(False, "distil on one student sample per prompt each step (temperature 1, top-p 1; the "
+                       "student's logits / loss.temperature); else on the chosen responses of the data")
+  max_new_tokens: int = _f(0, "on-policy response length limit (0: the batch's sequence length)")
+  eos_token_id: int = _f(3, "on-policy: the EOS token that ends a sampled response (3: the generated tasks')")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,11 +147,13 @@ class RunConfig:
   seed: int = _f(0, "seed of the data set, the shuffle and the model init (>= 0)")
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+  init: InitConfig = dataclasses.field(default_factory=InitConfig)
   sft: PhaseConfig = dataclasses.field(
       default_factory=lambda: PhaseConfig(steps=25, learning_rate=3e-3, warmup_steps=20))
   dpo: PhaseConfig = dataclasses.field(
       default_factory=lambda: PhaseConfig(steps=200, learning_rate=5e-4, warmup_steps=10))
   loss: LossSpec = dataclasses.field(default_factory=LossSpec)
+  distill: DistillSpec = dataclasses.field(default_factory=DistillSpec)
   mesh: MeshSpec = dataclasses.field(default_factory=MeshSpec)
   batch_size: int = _f(32, "preference pairs per step (>= 1)")
   eval_batch_size: int = _f(128, "pairs per evaluation batch (>= 1)")
@@ -136,12 +178,12 @@ def loss_names() -> tuple[str, ...]:
   """Valid ``loss.name`` values: the preference objectives the training loop runs.
 
   Taken from the objectives table (``alignjax.training.objectives.OBJECTIVES``):
-  every objective that needs a reference model (``sft`` is the warm-up phase;
-  AlignDistil needs its frozen teacher models).
+  every objective that needs a reference model or, for AlignDistil, its frozen
+  teacher and contrast models (``distill.*``); ``sft`` is the warm-up phase.
   """
   from alignjax.training import objectives  # pylint: disable=import-outside-toplevel
   return tuple(name for name, obj in objectives.OBJECTIVES.items()
-               if obj.needs in ("reference_logps", "reference_logits"))
+               if obj.needs in ("reference_logps", "reference_logits", "teachers"))
 
 
 def _fields(cls) -> list[dataclasses.Field]:
@@ -327,6 +369,13 @@ def validate(cfg: RunConfig) -> None:
   _check(d.max_len >= d.min_len,
          f"config.data.max_len must be >= config.data.min_len ({d.min_len}), got {d.max_len}.")
   _check(d.eval_examples >= 1, f"config.data.eval_examples must be >= 1, got {d.eval_examples}.")
+  _check(d.kind in DATA_KINDS, f"config.data.kind must be one of {', '.join(DATA_KINDS)}, got {d.kind!r}.")
+  _check(d.kind not in ("arrays", "file") or bool(d.path),
+         f"config.data.path must name the data set ('arrays') or the preference file ('file') for "
+         f"config.data.kind={d.kind!r}.")
+  _check(d.kind != "file" or bool(d.tokenizer),
+         "config.data.tokenizer must name the tokenizer (HF checkpoint) directory for config.data.kind='file'.")
+  _check(d.seq_len >= 2, f"config.data.seq_len must be >= 2, got {d.seq_len}.")
   _check(m.preset in MODEL_PRESETS, f"config.model.preset must be one of {list(MODEL_PRESETS)}, got {m.preset!r}.")
   for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
     v = getattr(m, name)
@@ -361,7 +410,7 @@ def validate(cfg: RunConfig) -> None:
          "config.loss.robust needs config.loss.label_smoothing > 0 (robust DPO with eps = 0 is plain DPO).")
   _check(cfg.batch_size >= 1, f"config.batch_size must be positive, got {cfg.batch_size}.")
   _check(cfg.eval_batch_size >= 1, f"config.eval_batch_size must be positive, got {cfg.eval_batch_size}.")
-  _check(d.train_examples >= cfg.batch_size,
+  _check(d.kind not in ("sorting", "reviews") or d.train_examples >= cfg.batch_size,
          f"config.data.train_examples ({d.train_examples}) must be >= config.batch_size ({cfg.batch_size}).")
   _check(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
          f"config.weight_decay must be a finite number >= 0, got {cfg.weight_decay}.")
@@ -383,6 +432,55 @@ def validate(cfg: RunConfig) -> None:
     _check(size % shards == 0,
            f"config.{name} ({size}) must be divisible by config.mesh.data * config.mesh.fsdp ({shards}): "
            "the batch is split over those axes.")
+  _validate_distill(cfg)
+
+
+ALIGNDISTIL_MODES = ("aligndistil", "theorem1", "theorem1_contrast", "theorem1_adaptive")
+
+
+def _student_vocab(cfg: RunConfig):
+  """The vocabulary size the policy will have, if it can be read without loading weights (else None)."""
+  import os  # pylint: disable=import-outside-toplevel
+  d = cfg.data
+  if cfg.init.checkpoint:
+    from alignjax.models import checkpoint_io  # pylint: disable=import-outside-toplevel
+    for path in (os.path.join(cfg.init.checkpoint, "final_policy"), cfg.init.checkpoint):
+      if os.path.isdir(os.path.join(path, checkpoint_io.CONFIG_ITEM)):
+        return checkpoint_io.load_config(path).vocab_size
+    return None
+  if d.kind == "sorting":
+    return d.num_symbols + 4
+  if d.kind == "reviews":
+    from alignjax.data.reviews import ReviewsTask  # pylint: disable=import-outside-toplevel
+    return ReviewsTask().vocab_size
+  if d.kind == "arrays":
+    from alignjax.data import arrays_tfds  # pylint: disable=import-outside-toplevel
+    if arrays_tfds.is_prepared(os.path.abspath(d.path)):
+      return arrays_tfds.read_metadata(os.path.abspath(d.path)).get("vocab_size")
+  return None
+
+
+def _validate_distill(cfg: RunConfig) -> None:
+  """AlignDistil (Zhang et al. 2025, arXiv:2503.02832): hyper-parameters, the frozen runs, the data."""
+  l, ds = cfg.loss, cfg.distill
+  _check(math.isfinite(l.beta2) and l.beta2 > 0, f"config.loss.beta2 must be a finite number > 0, got {l.beta2}.")
+  _check(l.mode in ALIGNDISTIL_MODES, f"config.loss.mode must be one of {list(ALIGNDISTIL_MODES)}, got {l.mode!r}.")
+  _check(math.isfinite(l.temperature) and l.temperature > 0,
+         f"config.loss.temperature must be a finite number > 0, got {l.temperature}.")
+  _check(ds.max_new_tokens >= 0, f"config.distill.max_new_tokens must be >= 0, got {ds.max_new_tokens}.")
+  if l.name != "aligndistil":
+    _check(not (ds.dpo_checkpoint or ds.contrast_checkpoint or ds.on_policy),
+           f"config.distill.* apply to config.loss.name='aligndistil' only, not {l.name!r}.")
+    return
+  _check(not cfg.data.swap_pairs, "config.data.swap_pairs does not apply to 'aligndistil' (it distils the chosen "
+         "responses); swap the pairs of the reverse-DPO run instead.")
+  from alignjax.training import distill  # pylint: disable=import-outside-toplevel
+  student = _student_vocab(cfg)
+  for name in ("dpo_checkpoint", "contrast_checkpoint"):
+    try:
+      distill.run_vocab(f"distill.{name}", getattr(ds, name), student_vocab=student)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
 
 def to_config_dict(cfg: RunConfig | None = None):

@@ -38,7 +38,9 @@ from alignjax.training import config as config_lib
 from alignjax.training import run as run_lib
 from alignjax.training.config import ConfigError, RunConfig
 
-__all__ = ["IdentityMismatch", "evaluate", "run"]
+__all__ = ["FINAL_POLICY", "IdentityMismatch", "evaluate", "load_policy", "make_policy", "open_data", "run"]
+
+FINAL_POLICY = "final_policy"  # <workdir>/final_policy: a finished run's policy (models.checkpoint_io.save_model)
 
 
 class IdentityMismatch(ConfigError):
@@ -222,8 +224,9 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from alignjax.data import SortingTask, preference_batches, sorting_preferences, to_arrays  # pylint: disable=import-outside-toplevel
+  from alignjax.data import preference_batches, to_arrays  # pylint: disable=import-outside-toplevel
   from alignjax.models import Transformer  # pylint: disable=import-outside-toplevel
+  from alignjax.training import distill  # pylint: disable=import-outside-toplevel
   from alignjax.training import objectives  # pylint: disable=import-outside-toplevel
   from alignjax.training import reference as reference_lib  # pylint: disable=import-outside-toplevel
   from alignjax.training import steps as steps_lib  # pylint: disable=import-outside-toplevel
@@ -236,21 +239,35 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   if record.get("budget"):
     stored_budget = dict(record["budget"])
 
-  loss_cfg = objectives.LossConfig.from_mapping(dict(config_lib.flatten(cfg.loss)))
-  task = SortingTask(cfg.data.num_symbols, cfg.data.min_len, cfg.data.max_len)
-  data_dir = os.path.abspath(cfg.data.dir) if cfg.data.dir else os.path.join(workdir, "data")
-  train_source, eval_source = first_on_process_zero(lambda: sorting_preferences(
-      task, train_examples=cfg.data.train_examples, eval_examples=cfg.data.eval_examples,
-      seed=cfg.seed, data_dir=data_dir), "alignjax-data")
+  loss_cfg = objectives.LossConfig.from_mapping(dict(config_lib.flatten(cfg.loss), on_policy=cfg.distill.on_policy))
+  train_source, eval_source, vocab_size, data_name = first_on_process_zero(
+      lambda: open_data(cfg, workdir), "alignjax-data")
+  if len(train_source) < cfg.batch_size:
+    raise ConfigError(f"config.batch_size ({cfg.batch_size}) exceeds the {len(train_source)} training rows of "
+                      f"{data_name}.")
   train_ds = preference_batches(train_source, cfg.batch_size, seed=cfg.seed)
   eval_data = to_arrays(eval_source)
+  if cfg.data.swap_pairs:  # the reverse-DPO run of AlignDistil trains and evaluates on swapped pairs
+    eval_data = distill.swap_pairs(eval_data)
 
   mesh = make_mesh(cfg.mesh)
-  policy = Transformer(cfg.model.model_config(task.vocab_size), rngs=nnx.Rngs(cfg.seed))
+  policy = make_policy(cfg, vocab_size)
   sft_steps, total = cfg.sft.steps, cfg.sft.steps + cfg.dpo.steps
   sft_tx = optimizer(cfg.sft, weight_decay=cfg.weight_decay)
   pref_tx = optimizer(cfg.dpo, weight_decay=cfg.weight_decay)
   ref_mode, frozen = reference_lib.online(policy, mesh=mesh)
+  teachers, rollout = None, None
+  if loss_cfg.name == "aligndistil":
+    # AlignDistil's frozen DPO teacher and reverse-DPO contrast model: inference only, no
+    # optimizer state, sharded like the student; on-policy: the student's samples each step.
+    ds = cfg.distill
+    frozen_models = {name: distill.load_frozen(f"distill.{name}_checkpoint", getattr(ds, f"{name}_checkpoint"),
+                                               vocab_size=policy.config.vocab_size) for name in ("dpo", "contrast")}
+    ref_mode, teachers = reference_lib.teachers(**frozen_models, mesh=mesh)
+    if ds.on_policy:
+      rollout = distill.make_rollout(
+          policy, max_new_tokens=ds.max_new_tokens or int(np.shape(eval_data["chosen_tokens"])[1]),
+          eos_token_id=ds.eos_token_id, pad_token_id=0, seed=cfg.seed + 7)
   # Everything a resumed run needs, as pytrees: both phases' train states and the
   # frozen reference (the policy at the end of SFT); sharded over the mesh if any.
   objects = {"sft": steps_lib.init_state(policy, sft_tx, mesh=mesh),
@@ -286,7 +303,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     if start:
       progress.message(f"resumed from step {start} of {total} ({ckpt_dir})")
     progress.message(
-        f"alignjax: {loss_cfg.name} on sorting preferences | devices={jax.devices()} | params={n_params:,} | "
+        f"alignjax: {loss_cfg.name} on {data_name} | devices={jax.devices()} | params={n_params:,} | "
         f"steps: sft {sft_steps} + preference {cfg.dpo.steps}")
 
     # Non-finite updates are never applied (skip_nonfinite); the loop then stops or goes on.
@@ -304,6 +321,18 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
           objects["pref"].skipped * 0)
       objects["reference"] = jax.tree.map(jnp.copy, params)
 
+    def pref_frozen():
+      """The frozen models of the preference phase: the reference, or AlignDistil's teachers."""
+      return teachers if teachers is not None else {"reference": objects["reference"]}
+
+    def prepare(host_batch, step):
+      """AlignDistil's data: swapped pairs (reverse DPO); the student's own samples (on-policy)."""
+      if cfg.data.swap_pairs:
+        host_batch = distill.swap_pairs(host_batch)
+      if rollout is not None and step >= sft_steps:
+        host_batch = rollout(objects["pref"].params, host_batch, step)
+      return host_batch
+
     before = None
     before_path = os.path.join(workdir, "eval_before.json")
     if start >= sft_steps and start > 0 and os.path.exists(before_path):
@@ -313,13 +342,13 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     for step in range(start, total):
       if step == sft_steps:
         start_preference_phase()
-        before = evaluate(pref_eval, objects["pref"].params, {"reference": objects["reference"]},
+        before = evaluate(pref_eval, objects["pref"].params, pref_frozen(),
                           eval_data, cfg.eval_batch_size, to_device=to_device)
         if main:
           with open(before_path, "w") as f:
             json.dump(before, f)
         progress.message(f"[eval @ {step}] reference: " + _fmt(before))
-      host_batch = train_ds[step]
+      host_batch = prepare(train_ds[step], step)
       batch = to_device(host_batch)
       sft = step < sft_steps
       phase = "sft" if sft else loss_cfg.name
@@ -328,7 +357,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
         tokens = float(np.sum(host_batch["chosen_attention"]))
         flops = 6.0 * n_params * np.size(host_batch["chosen_tokens"])
       else:
-        objects["pref"], metrics = pref_step(objects["pref"], batch, {"reference": objects["reference"]})
+        objects["pref"], metrics = pref_step(objects["pref"], batch, pref_frozen())
         tokens = float(np.sum(host_batch["chosen_attention"]) + np.sum(host_batch["rejected_attention"]))
         flops = 8.0 * n_params * 2 * np.size(host_batch["chosen_tokens"])  # policy fwd+bwd, reference fwd
       loss, finite = (float(x) for x in jax.device_get((metrics["loss"], metrics["finite"])))
@@ -368,16 +397,20 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     progress.close()
 
     final = objects["pref"] if total > sft_steps else objects["sft"]
-    after = evaluate(pref_eval, final.params, {"reference": objects["reference"]}, eval_data, cfg.eval_batch_size,
+    after = evaluate(pref_eval, final.params, pref_frozen(), eval_data, cfg.eval_batch_size,
                      to_device=to_device)
     progress.message(f"[eval @ {total}] policy:    " + _fmt(after))
     result = {"loss": loss_cfg.name, "steps": total, "eval_before": before, "eval_after": after,
               "workdir": workdir, "resumed_from": start, "skipped_updates": skipped,
               "budget_history": record["history"]}
+    # The final policy, for load_policy / init.checkpoint / sampling (before final_metrics.json marks the end).
+    from alignjax.models import checkpoint_io  # pylint: disable=import-outside-toplevel
+    checkpoint_io.save_model(steps_lib.update_model(policy, final), os.path.join(workdir, FINAL_POLICY),
+                             force=True)
     if main:
       with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
-    if before is not None:
+    if before is not None and "policy/preference_accuracy" in before:
       progress.message(
           "held-out preference accuracy of the policy (log pi(y_w) > log pi(y_l)): "
           f"{before['policy/preference_accuracy']:.3f} (reference) -> "
@@ -388,3 +421,109 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
       progress.close()
     writer.close()
     ckpt.close()
+
+
+
+# ----------------------------------------------------------------------------- data and models
+
+class _Rows:
+  """Rows ``[start, stop)`` of a random-access source."""
+
+  def __init__(self, source, start: int, stop: int):
+    self._source, self._start, self._len = source, start, max(0, stop - start)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int):
+    if not 0 <= i < self._len:
+      raise IndexError(i)
+    return self._source[self._start + i]
+
+
+def open_data(cfg: RunConfig, workdir: str):
+  """``(train_source, eval_source, vocab_size, description)`` of ``cfg.data``.
+
+  ``sorting`` / ``reviews``: generated sets, written once under ``data.dir``
+  (default ``<workdir>/data``); ``arrays``: a data set of
+  :mod:`alignjax.data.arrays_tfds` at ``data.path`` (its ``eval`` split if any,
+  else the train split; ``vocab_size`` from its metadata); ``file``: a
+  preference file tokenised once (:func:`alignjax.data.load_preference_file`),
+  its last ``min(data.eval_examples, N // 10)`` rows held out.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  d = cfg.data
+  data_dir = os.path.abspath(d.dir) if d.dir else os.path.join(workdir, "data")
+  if d.kind == "sorting":
+    from alignjax.data import SortingTask, sorting_preferences  # pylint: disable=import-outside-toplevel
+    task = SortingTask(d.num_symbols, d.min_len, d.max_len)
+    train, ev = sorting_preferences(task, train_examples=d.train_examples, eval_examples=d.eval_examples,
+                                    seed=cfg.seed, data_dir=data_dir)
+    return train, ev, task.vocab_size, "sorting preferences"
+  from alignjax.data import arrays_tfds  # pylint: disable=import-outside-toplevel
+  if d.kind == "reviews":
+    from alignjax.data.reviews import ReviewsTask  # pylint: disable=import-outside-toplevel
+    task = ReviewsTask()
+    path = os.path.join(data_dir, f"reviews_n{d.train_examples}-{d.eval_examples}_seed{cfg.seed}")
+    arrays_tfds.write_arrays(path, {"train": task.sft_data(d.train_examples, cfg.seed),
+                                    "eval": task.sft_data(d.eval_examples, cfg.seed + 1)},
+                             metadata={"vocab_size": task.vocab_size})
+    return (arrays_tfds.open_arrays(path, "train"), arrays_tfds.open_arrays(path, "eval"), task.vocab_size,
+            "generated reviews (SFT)")
+  if d.kind == "arrays":
+    path = os.path.abspath(d.path)
+    if not arrays_tfds.is_prepared(path):
+      raise ConfigError(f"config.data.path: {path} holds no data set written by alignjax.data.arrays_tfds.write_arrays.")
+    meta = arrays_tfds.read_metadata(path)
+    if "vocab_size" not in meta:
+      raise ConfigError(f"config.data.path: the metadata of {path} has no vocab_size (pass it to write_arrays).")
+    train = arrays_tfds.open_arrays(path, "train")
+    ev = arrays_tfds.open_arrays(path, "eval") if "eval" in meta["splits"] else train
+    return train, ev, int(meta["vocab_size"]), f"data set {path}"
+  from alignjax.data import PreferenceFileConfig, load_preference_file, load_tokenizer  # pylint: disable=import-outside-toplevel
+  file_cfg = PreferenceFileConfig(path=os.path.abspath(d.path), tokenizer_dir=os.path.abspath(d.tokenizer),
+                                  max_len=d.seq_len)
+  source, _ = load_preference_file(file_cfg, data_dir=data_dir)
+  n_eval = int(np.clip(len(source) // 10, 1, d.eval_examples)) if len(source) > 1 else 0
+  train, ev = _Rows(source, 0, len(source) - n_eval), _Rows(source, len(source) - n_eval, len(source))
+  return train, (ev if n_eval else train), load_tokenizer(file_cfg.tokenizer_dir).vocab_size, f"preference file {d.path}"
+
+
+def make_policy(cfg: RunConfig, vocab_size: int):
+  """The policy model: ``config.model`` for ``vocab_size`` (random init), or ``init.checkpoint``'s model."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from alignjax.models import Transformer  # pylint: disable=import-outside-toplevel
+  if not cfg.init.checkpoint:
+    return Transformer(cfg.model.model_config(vocab_size), rngs=nnx.Rngs(cfg.seed))
+  policy = load_policy(cfg.init.checkpoint, where="config.init.checkpoint")
+  if policy.config.vocab_size < vocab_size:
+    raise ConfigError(f"config.init.checkpoint: its model's vocab_size {policy.config.vocab_size} is smaller than "
+                      f"the data's {vocab_size}.")
+  # Fresh, uncommitted buffers like a random init's (restored arrays are committed to a device,
+  # which makes the first jitted step compile a second time).
+  nnx.update(policy, jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), nnx.state(policy)))
+  return policy
+
+
+def load_policy(path: str, *, where: str = "load_policy: `path`"):
+  """A policy model (``alignjax.models.Transformer``) from a run workdir or a model checkpoint.
+
+  ``path`` is one of: the workdir of a finished run (every run saves its final
+  policy as ``<workdir>/final_policy`` with
+  :func:`alignjax.models.checkpoint_io.save_model`); such an Orbax model
+  checkpoint itself (e.g. written by ``launch/convert.py``); or a Hugging Face
+  directory (``config.json`` + safetensors, read with :func:`alignjax.models.from_hf`).
+  """
+  path = os.path.abspath(path)
+  from alignjax.models import checkpoint_io  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(os.path.join(path, FINAL_POLICY)):
+    return checkpoint_io.load_model(os.path.join(path, FINAL_POLICY))
+  if os.path.isdir(os.path.join(path, checkpoint_io.CONFIG_ITEM)):
+    return checkpoint_io.load_model(path)
+  if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
+    from alignjax.models import from_hf  # pylint: disable=import-outside-toplevel
+    return from_hf(path)
+  raise ConfigError(f"{where}: {path} is neither a finished run (no {FINAL_POLICY}/), an alignjax model checkpoint "
+                    "nor a Hugging Face model directory.")

@@ -1,0 +1,199 @@
+"""Gold reward and KL(pi || pi_SFT) of a policy, estimated from its own samples.
+
+The axes of the reward--KL frontier (Rafailov et al. 2023, "Direct Preference
+Optimization", arXiv:2305.18290, Sec. 6.1 and Fig. 2; Gao et al. 2023, "Scaling
+Laws for Reward Model Overoptimization", arXiv:2210.10760):
+
+* reward: ``E_{x, y ~ pi(.|x)} r(x, y)``, the mean gold reward of responses
+  sampled at temperature 1;
+* KL: the sequence-level ``KL(pi || pi_SFT) = E_{y ~ pi} [log pi(y|x) - log pi_SFT(y|x)]``,
+  estimated by the mean over samples of
+  ``sum_t log pi(y_t | x, y_<t) - log pi_SFT(y_t | x, y_<t)``. ``log pi`` is the
+  log-probability under the distribution the sampler drew from (its
+  ``out.logprobs``: for a DeRa mixture, the mixture), ``log pi_SFT`` comes
+  from scoring the sampled tokens with the SFT model.
+
+Standard errors treat prompts as the independent units: with ``K`` samples of
+each of ``N`` prompts, the estimate is the mean of the ``N`` per-prompt means and
+its standard error ``std(per-prompt means, ddof=1) / sqrt(N)`` (the cluster
+standard error; equal cluster sizes).
+
+Rows are laid out prompt-major: rows ``i*K .. i*K+K-1`` are the ``K`` samples of
+prompt ``i`` (:func:`repeat_prompts`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from alignjax.data import batch as batch_lib
+
+__all__ = [
+    "Estimate", "SampleScores", "cluster_mean", "make_scorer", "repeat_prompts", "response_batch",
+    "sample_and_score", "sequence_batch", "summarize",
+]
+
+
+class Estimate(NamedTuple):
+  """A mean and its standard error."""
+  mean: float
+  se: float
+
+
+class SampleScores(NamedTuple):
+  """Per-sample quantities of one policy on the evaluation prompts (``[N*K]`` rows, prompt-major).
+
+  Attributes:
+    tokens, mask: the sampled responses ``[N*K, L]`` and their mask (True through EOS).
+    rewards: gold reward of each response, float64 ``[N*K]``.
+    logps: ``sum_t log pi(y_t)`` under the distribution sampled from, ``[N*K]``.
+    reference_logps: ``sum_t log pi_SFT(y_t)``, ``[N*K]``.
+    num_prompts: ``N``.
+  """
+  tokens: np.ndarray
+  mask: np.ndarray
+  rewards: np.ndarray
+  logps: np.ndarray
+  reference_logps: np.ndarray
+  num_prompts: int
+
+  @property
+  def log_ratios(self) -> np.ndarray:
+    """``log pi(y) - log pi_SFT(y)`` per sample (its mean estimates the KL), float64."""
+    return np.asarray(self.logps, np.float64) - np.asarray(self.reference_logps, np.float64)
+
+
+def repeat_prompts(prompt_tokens, prompt_mask, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+  """Each prompt row repeated ``num_samples`` times, prompt-major: ``[N*K, T]``."""
+  if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+    raise ValueError(f"repeat_prompts: `num_samples` must be an int >= 1, got {num_samples!r}.")
+  tokens, mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+  if tokens.ndim != 2 or mask.shape != tokens.shape:
+    raise ValueError(f"repeat_prompts: `prompt_tokens` and `prompt_mask` must be [N, T] of one shape, "
+                     f"got {tokens.shape} and {mask.shape}.")
+  return np.repeat(tokens, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)
+
+
+def sequence_batch(prompt_tokens, prompt_mask, response_tokens, response_mask, *,
+                   pad_token_id: int = 0) -> dict[str, np.ndarray]:
+  """``(tokens, attention, response)`` ``[N, T+L]`` of prompts followed by their responses.
+
+  Prompt padding (left or right) stays in place: positions follow the mask, so a
+  padded prompt scores like the unpadded one. Response slots outside
+  ``response_mask`` become ``pad_token_id`` and are not attended to or scored.
+  """
+  pt, pm = np.asarray(prompt_tokens), np.asarray(prompt_mask, bool)
+  rt, rm = np.asarray(response_tokens), np.asarray(response_mask, bool)
+  if pt.ndim != 2 or pm.shape != pt.shape:
+    raise ValueError(f"sequence_batch: `prompt_tokens`/`prompt_mask` must be [N, T] of one shape, got "
+                     f"{pt.shape} and {pm.shape}.")
+  if rt.ndim != 2 or rm.shape != rt.shape or rt.shape[0] != pt.shape[0]:
+    raise ValueError(f"sequence_batch: `response_tokens`/`response_mask` must be [N, L] with N = {pt.shape[0]}, "
+                     f"got {rt.shape} and {rm.shape}.")
+  tokens = np.concatenate([pt, np.where(rm, rt, pad_token_id)], axis=1).astype(np.int32)
+  attention = np.concatenate([pm, rm], axis=1)
+  response = np.concatenate([np.zeros_like(pm), rm], axis=1)
+  return {"tokens": tokens, "attention": attention, "response": response}
+
+
+def response_batch(prompt_tokens, prompt_mask, response_tokens, response_mask, *,
+                   pad_token_id: int = 0) -> dict[str, np.ndarray]:
+  """A preference-schema batch whose chosen and rejected rows are both prompt + response.
+
+  The scoring pass of :func:`make_scorer` reads it (the schema of
+  :mod:`alignjax.data.batch` lets it reuse the training code's chunked log-probs).
+  """
+  seq = sequence_batch(prompt_tokens, prompt_mask, response_tokens, response_mask, pad_token_id=pad_token_id)
+  return {batch_lib.key(side, field): seq[field] for side in batch_lib.SIDES for field in batch_lib.FIELDS}
+
+
+def make_scorer(model, *, chunk_size: int = 128) -> Callable[..., np.ndarray]:
+  """``score(model, prompt_tokens, prompt_mask, response_tokens, response_mask) -> [N]`` float64.
+
+  ``sum_t log pi(y_t | x, y_<t)`` over the response tokens, with the jitted
+  label-log-prob pass of the training code
+  (:func:`alignjax.training.steps.make_reference_logps_fn`: chunked, never a
+  float32 ``[N, T, V]``). ``model`` fixes the architecture; any model of that
+  architecture (same graph) can be scored without recompiling.
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from alignjax.training import steps  # pylint: disable=import-outside-toplevel
+  fn = steps.make_reference_logps_fn(model, chunk_size=chunk_size)
+
+  def score(m, prompt_tokens, prompt_mask, response_tokens, response_mask) -> np.ndarray:
+    batch = response_batch(prompt_tokens, prompt_mask, response_tokens, response_mask)
+    out = fn(nnx.state(m, nnx.Param), batch)
+    return np.asarray(out["reference_chosen_logps"], np.float64)
+
+  return score
+
+
+def cluster_mean(values, num_prompts: int) -> Estimate:
+  """Mean of ``values [N*K]`` (prompt-major) and its cluster standard error over the ``N`` prompts."""
+  v = np.asarray(values, np.float64)
+  if v.ndim != 1 or num_prompts < 1 or v.size % num_prompts or v.size == 0:
+    raise ValueError(f"cluster_mean: `values` must be [N*K] with N = num_prompts = {num_prompts}, "
+                     f"got shape {v.shape}.")
+  per_prompt = v.reshape(num_prompts, -1).mean(axis=1)
+  se = float(per_prompt.std(ddof=1) / np.sqrt(num_prompts)) if num_prompts > 1 else float("nan")
+  return Estimate(float(per_prompt.mean()), se)
+
+
+def summarize(scores: SampleScores) -> dict[str, float]:
+  """``reward``, ``reward_se``, ``kl``, ``kl_se``, ``num_samples``, ``mean_length`` of ``scores``."""
+  reward = cluster_mean(scores.rewards, scores.num_prompts)
+  kl = cluster_mean(scores.log_ratios, scores.num_prompts)
+  return {"reward": reward.mean, "reward_se": reward.se, "kl": kl.mean, "kl_se": kl.se,
+          "num_samples": int(len(scores.rewards)),
+          "mean_length": float(np.asarray(scores.mask).sum(axis=1).mean())}
+
+
+def sample_and_score(
+    model, reference, prompt_tokens, prompt_mask, *,
+    num_samples: int, max_new_tokens: int, rng, reward_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    scorer: Callable[..., np.ndarray], eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
+    temperature: float = 1.0,
+) -> SampleScores:
+  """Samples ``num_samples`` responses per prompt from ``model`` and scores them.
+
+  Args:
+    model: an ``alignjax.models`` model or a :class:`alignjax.decoding.LogitMixture`
+      (DeRa); sampled with :func:`alignjax.decoding.generate` at ``temperature``.
+    reference: the SFT model (``pi_SFT`` of the KL).
+    prompt_tokens, prompt_mask: ``[N, T]`` held-out prompts.
+    num_samples: ``K`` samples per prompt.
+    max_new_tokens: response length limit.
+    rng: a ``jax.random`` key; the same key and prompts give the same samples
+      from the same distribution.
+    reward_fn: ``reward_fn(tokens [M, L], mask [M, L]) -> [M]`` gold rewards.
+    scorer: from :func:`make_scorer` (built for the reference's architecture).
+    eos_token_ids, pad_token_id: as :func:`alignjax.decoding.generate`.
+    temperature: sampling temperature (1: the policy itself, which the KL assumes).
+
+  Returns:
+    :class:`SampleScores` (``[N*K]`` rows, prompt-major).
+  """
+  from alignjax import decoding  # pylint: disable=import-outside-toplevel
+  tokens, mask = repeat_prompts(prompt_tokens, prompt_mask, num_samples)
+  out = decoding.generate(model, tokens, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                          eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id, rng=rng)
+  resp, resp_mask = np.asarray(out.tokens), np.asarray(out.mask, bool)
+  logps = np.asarray(out.logprobs, np.float64).sum(axis=1)
+  ref = scorer(reference, tokens, mask, resp, resp_mask)
+  rewards = np.asarray(reward_fn(resp, resp_mask), np.float64)
+  return SampleScores(resp, resp_mask, rewards, logps, ref, int(np.asarray(prompt_tokens).shape[0]))
+
+
+def as_jsonable(x: Any) -> Any:
+  """NumPy scalars/arrays to plain Python (for results.jsonl)."""
+  if isinstance(x, dict):
+    return {k: as_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [as_jsonable(v) for v in x]
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return x

@@ -1,0 +1,579 @@
+"""The reward--KL frontier study: SFT, sampled preferences, a sweep of methods, DeRa, plots.
+
+A controlled experiment after DPO's (Rafailov et al. 2023, arXiv:2305.18290,
+Sec. 6.1, Fig. 2 left) and GPO's (Tang et al. 2024, arXiv:2402.05749, after Gao
+et al. 2023, arXiv:2210.10760), on the generated reviews task of
+:mod:`alignjax.data.reviews` (a programmatic gold reward), small enough for a
+laptop CPU and made of the same library calls a pod run makes:
+
+1. ``data``: the reviews SFT set (train + eval) as a TFDS array_record data set
+   (:mod:`alignjax.data.arrays_tfds`).
+2. ``sft``: supervised fine-tuning of a ``model_preset`` (Llama-family) model on
+   it -- one :func:`alignjax.training.loop.run` call.
+3. ``preferences``: ``samples_per_prompt`` responses per training prompt sampled
+   from the SFT model at temperature 1 (:func:`alignjax.decoding.generate`),
+   paired and labelled with the gold reward under Bradley--Terry noise
+   (:func:`alignjax.data.reviews.sampled_preferences`, fixed seed), stored as a
+   TFDS data set.
+4. ``runs``: every method of ``methods`` at every ``betas`` value (and
+   ``tdpo2_alphas``), each a :func:`~alignjax.training.loop.run` from the SFT
+   checkpoint (``init.checkpoint``) on the preference set -- exactly what a
+   ``launch/train.py`` call with the same config does. AlignDistil (Zhang et al.
+   2025, arXiv:2503.02832) distils from the DPO run at the same beta and a
+   reverse-DPO run (swapped pairs) trained here too.
+5. ``evaluate``: for every model, ``eval_samples`` responses per held-out prompt
+   (temperature 1, one shared rng key: common random numbers across models),
+   the mean gold reward and ``KL(pi || pi_SFT)`` estimated from the samples
+   (:mod:`alignjax.study.evaluation`), with standard errors; then
+   ``results.jsonl``, ``results.md`` and ``frontier.png`` in the workdir.
+6. ``dera``: DeRa (Liu et al. 2024, arXiv:2402.02992, Eq. 9) between the SFT and
+   the DPO model at ``dera_beta`` over ``dera_lambdas`` -- decoding only,
+   evaluated like the trained models.
+
+Everything is resumable: data sets are written once, a finished run
+(``final_metrics.json`` with the same identity) is skipped, a partial run
+resumes from its checkpoint, and an evaluation already on disk is reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from alignjax.training.config import ConfigError
+
+__all__ = ["METHODS", "RunSpec", "StudyConfig", "StudyError", "build", "plan_runs", "run_config", "run_study"]
+
+
+class StudyError(ConfigError):
+  """A user error in the study configuration or workdir (one line; launchers exit with code 2)."""
+
+
+# Method -> the loop config fields that select it (loss.beta / loss.alpha come from the sweep).
+METHODS: dict[str, dict[str, Any]] = {
+    "dpo": {"loss.name": "dpo"},
+    "cdpo": {"loss.name": "dpo"},           # + loss.label_smoothing = StudyConfig.cdpo_epsilon
+    "ipo": {"loss.name": "ipo"},
+    "slic": {"loss.name": "hinge"},
+    "exponential": {"loss.name": "exponential"},
+    "truncated_quadratic": {"loss.name": "truncated_quadratic"},
+    "savage": {"loss.name": "savage"},
+    "tdpo1": {"loss.name": "tdpo1"},
+    "tdpo2": {"loss.name": "tdpo2"},        # swept over StudyConfig.tdpo2_alphas
+    "aligndistil": {"loss.name": "aligndistil"},
+}
+
+
+def _f(default, help: str):
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+  """Every knob of the study (validated by :func:`build`)."""
+  seed: int = _f(0, "seed of data, sampling, labels and model init (>= 0)")
+  # The task (alignjax.data.reviews.ReviewsTask).
+  num_topics: int = _f(8, "reviews task: prompt topics (>= 2)")
+  min_len: int = _f(4, "reviews task: shortest reference review, words (>= 1)")
+  max_len: int = _f(10, "reviews task: longest reference review, words (>= min_len)")
+  sentiment_rate: float = _f(0.3, "reviews task: probability a reference word is a sentiment word, in (0, 1)")
+  # SFT.
+  model_preset: str = _f("llama_tiny", "the training config's model.preset (sizes: its model.* defaults; "
+                         "vocabulary from the data)")
+  sft_examples: int = _f(2048, "reference reviews in the SFT set (>= batch_size)")
+  sft_steps: int = _f(200, "SFT optimizer steps (>= 1)")
+  sft_learning_rate: float = _f(3e-3, "SFT peak learning rate (> 0)")
+  # Preference data.
+  preference_prompts: int = _f(256, "training prompts sampled from the SFT model (>= 1)")
+  samples_per_prompt: int = _f(4, "responses sampled per training prompt, K (>= 2); K // 2 pairs per prompt")
+  label_temperature: float = _f(0.1, "Bradley-Terry temperature of the preference labels (> 0)")
+  # Preference runs.
+  methods: tuple = _f(tuple(METHODS), "methods to train (see METHODS)")
+  betas: tuple = _f((0.1, 0.5), "beta sweep of every method (each > 0)")
+  dpo_betas: tuple = _f((0.03,), "extra beta values for DPO only (a longer DPO curve; DeRa's model may use them)")
+  tdpo2_alphas: tuple = _f((0.5,), "alpha sweep of TDPO2 (each >= 0)")
+  cdpo_epsilon: float = _f(0.1, "cDPO label-flip probability (in (0, 0.5))")
+  aligndistil_beta2: float = _f(10.0, "AlignDistil beta2 (> 0; 10 as the authors' off-policy script)")
+  steps: int = _f(60, "optimizer steps of every preference run (>= 1)")
+  learning_rate: float = _f(2e-3, "peak learning rate of every preference run (> 0)")
+  batch_size: int = _f(32, "pairs (SFT: reviews) per step (>= 1)")
+  # DeRa.
+  dera_lambdas: tuple = _f((0.0, 0.5, 1.0, 1.5, 2.0), "DeRa realignment strengths lambda (0: SFT, 1: DPO)")
+  dera_beta: float = _f(0.0, "beta of the DPO model DeRa realigns (0: the largest of betas)")
+  # Evaluation.
+  eval_prompts: int = _f(64, "held-out prompts (>= 2)")
+  eval_samples: int = _f(8, "responses sampled per held-out prompt (>= 1)")
+
+  @property
+  def task(self):
+    from alignjax.data.reviews import ReviewsTask  # pylint: disable=import-outside-toplevel
+    return ReviewsTask(num_topics=self.num_topics, min_len=self.min_len, max_len=self.max_len,
+                       sentiment_rate=self.sentiment_rate)
+
+  @property
+  def all_dpo_betas(self) -> tuple:
+    """DPO's betas: ``betas`` then the extra ``dpo_betas``, without repeats."""
+    return tuple(dict.fromkeys(tuple(self.betas) + tuple(self.dpo_betas)))
+
+  @property
+  def dera_model_beta(self) -> float:
+    return self.dera_beta if self.dera_beta > 0 else float(max(self.betas))
+
+
+# Fields that define the data and the SFT model: a workdir's study must keep them.
+IDENTITY_FIELDS = ("seed", "num_topics", "min_len", "max_len", "sentiment_rate", "model_preset",
+                   "sft_examples", "sft_steps", "sft_learning_rate", "preference_prompts",
+                   "samples_per_prompt", "label_temperature", "batch_size", "eval_prompts", "eval_samples")
+
+
+def _check(ok: bool, msg: str) -> None:
+  if not ok:
+    raise StudyError(msg)
+
+
+def _as_tuple(name: str, v) -> tuple:
+  if isinstance(v, (int, float, str)):
+    v = (v,)
+  try:
+    return tuple(v)
+  except TypeError:
+    raise StudyError(f"study config `{name}` must be a sequence, got {v!r}.") from None
+
+
+def build(config: Any = None, **overrides: Any) -> StudyConfig:
+  """A validated :class:`StudyConfig` from a ``ConfigDict``/mapping (missing fields: defaults).
+
+  Raises :class:`StudyError` (one line) on an unknown or invalid field.
+  """
+  if config is None:
+    mapping: dict = {}
+  elif isinstance(config, StudyConfig):
+    mapping = dataclasses.asdict(config)
+  elif hasattr(config, "to_dict"):
+    mapping = config.to_dict()
+  elif isinstance(config, Mapping):
+    mapping = dict(config)
+  else:
+    raise StudyError(f"build: `config` must be a ConfigDict, a mapping or a StudyConfig, got {type(config).__name__}.")
+  mapping.update(overrides)
+  fields = {f.name: f for f in dataclasses.fields(StudyConfig)}
+  unknown = sorted(set(mapping) - set(fields))
+  _check(not unknown, f"study config: unknown field(s) {unknown}; expected a subset of {sorted(fields)}.")
+  kwargs = {}
+  default = StudyConfig()
+  for name, value in mapping.items():
+    d = getattr(default, name)
+    if isinstance(d, tuple):
+      value = _as_tuple(name, value)
+    elif isinstance(d, bool):
+      _check(isinstance(value, bool), f"study config `{name}` must be a bool, got {value!r}.")
+    elif isinstance(d, int):
+      _check(isinstance(value, (int, np.integer)) and not isinstance(value, bool),
+             f"study config `{name}` must be an integer, got {value!r}.")
+      value = int(value)
+    elif isinstance(d, float):
+      _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+             f"study config `{name}` must be a finite number, got {value!r}.")
+      value = float(value)
+    elif isinstance(d, str):
+      _check(isinstance(value, str), f"study config `{name}` must be a string, got {value!r}.")
+    kwargs[name] = value
+  cfg = StudyConfig(**kwargs)
+  validate(cfg)
+  return cfg
+
+
+def validate(cfg: StudyConfig) -> None:
+  """Checks every field of ``cfg``; raises :class:`StudyError` naming the field."""
+  _check(cfg.seed >= 0, f"study config `seed` must be >= 0, got {cfg.seed}.")
+  try:
+    cfg.task  # pylint: disable=pointless-statement
+  except ValueError as e:
+    raise StudyError(f"study config: {e}") from None
+  from alignjax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  valid = getattr(config_lib, "MODEL_PRESETS", ("llama_tiny",))
+  _check(cfg.model_preset in valid, f"study config `model_preset` must be one of {list(valid)}, got {cfg.model_preset!r}.")
+  for name in ("sft_steps", "steps", "batch_size", "preference_prompts", "eval_samples"):
+    _check(getattr(cfg, name) >= 1, f"study config `{name}` must be >= 1, got {getattr(cfg, name)}.")
+  _check(cfg.eval_prompts >= 2, f"study config `eval_prompts` must be >= 2 (standard errors), got {cfg.eval_prompts}.")
+  _check(cfg.samples_per_prompt >= 2, f"study config `samples_per_prompt` must be >= 2, got {cfg.samples_per_prompt}.")
+  _check(cfg.sft_examples >= cfg.batch_size,
+         f"study config `sft_examples` ({cfg.sft_examples}) must be >= `batch_size` ({cfg.batch_size}).")
+  pairs = cfg.preference_prompts * (cfg.samples_per_prompt // 2)
+  _check(_split_sizes(pairs)[0] >= cfg.batch_size,
+         f"study config: {pairs} preference pairs give {_split_sizes(pairs)[0]} training pairs, fewer than "
+         f"`batch_size` {cfg.batch_size}; raise `preference_prompts`.")
+  for name in ("sft_learning_rate", "learning_rate", "label_temperature", "aligndistil_beta2"):
+    _check(getattr(cfg, name) > 0, f"study config `{name}` must be > 0, got {getattr(cfg, name)}.")
+  _check(0 < cfg.cdpo_epsilon < 0.5, f"study config `cdpo_epsilon` must be in (0, 0.5), got {cfg.cdpo_epsilon}.")
+  unknown = [m for m in cfg.methods if m not in METHODS]
+  _check(not unknown, f"study config `methods`: unknown {unknown}; valid methods: {', '.join(METHODS)}.")
+  _check(len(set(cfg.methods)) == len(cfg.methods), f"study config `methods` has duplicates: {list(cfg.methods)}.")
+  _check(len(cfg.betas) >= 1 and all(isinstance(b, (int, float)) and b > 0 for b in cfg.betas),
+         f"study config `betas` must be one or more numbers > 0, got {list(cfg.betas)}.")
+  _check(len(set(cfg.betas)) == len(cfg.betas), f"study config `betas` has duplicates: {list(cfg.betas)}.")
+  _check(all(isinstance(b, (int, float)) and b > 0 for b in cfg.dpo_betas),
+         f"study config `dpo_betas` must be numbers > 0, got {list(cfg.dpo_betas)}.")
+  _check(not cfg.dpo_betas or "dpo" in cfg.methods, "study config `dpo_betas` needs 'dpo' in `methods`.")
+  _check(all(isinstance(a, (int, float)) and a >= 0 for a in cfg.tdpo2_alphas) and cfg.tdpo2_alphas,
+         f"study config `tdpo2_alphas` must be one or more numbers >= 0, got {list(cfg.tdpo2_alphas)}.")
+  _check(all(isinstance(x, (int, float)) and math.isfinite(x) for x in cfg.dera_lambdas),
+         f"study config `dera_lambdas` must be finite numbers, got {list(cfg.dera_lambdas)}.")
+  _check(cfg.dera_beta >= 0, f"study config `dera_beta` must be >= 0 (0: the largest of betas), got {cfg.dera_beta}.")
+  if cfg.dera_lambdas:
+    _check("dpo" in cfg.methods, "study config `dera_lambdas` needs 'dpo' in `methods` (DeRa realigns the DPO model).")
+    _check(cfg.dera_model_beta in cfg.all_dpo_betas,
+           f"study config `dera_beta` ({cfg.dera_beta}) must be one of the DPO betas {list(cfg.all_dpo_betas)} "
+           "(or 0: the largest of `betas`).")
+  if "aligndistil" in cfg.methods:
+    _check("dpo" in cfg.methods, "study config: 'aligndistil' needs 'dpo' in `methods` (its DPO teacher).")
+
+
+def _split_sizes(pairs: int) -> tuple[int, int]:
+  """(train, eval) pairs of the preference set: 1/8 held out (at least 1)."""
+  n_eval = max(1, pairs // 8)
+  return pairs - n_eval, n_eval
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One training run of the sweep.
+
+  Attributes:
+    name: the run's directory name under ``<workdir>/runs``.
+    method: a key of :data:`METHODS` (or ``reverse_dpo``, AlignDistil's contrast teacher).
+    beta, alpha: the swept hyper-parameters (alpha: TDPO2 only).
+    fields: dotted loop config fields that select the method.
+    plotted: whether the run is a point of the frontier.
+  """
+  name: str
+  method: str
+  beta: float
+  alpha: Optional[float]
+  fields: Mapping[str, Any]
+  plotted: bool = True
+
+  @property
+  def setting(self) -> str:
+    s = f"β={self.beta:g}"
+    return s + (f", α={self.alpha:g}" if self.alpha is not None else "")
+
+
+def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
+  """Every training run of the sweep, in training order (teachers before their students)."""
+  runs: list[RunSpec] = []
+  for beta in cfg.all_dpo_betas:
+    for method in cfg.methods if beta in cfg.betas else ("dpo",):
+      fields = dict(METHODS[method], **{"loss.beta": float(beta)})
+      if method == "cdpo":
+        fields["loss.label_smoothing"] = cfg.cdpo_epsilon
+      if method == "tdpo2":
+        for alpha in cfg.tdpo2_alphas:
+          runs.append(RunSpec(f"tdpo2_b{beta:g}_a{alpha:g}", method, float(beta), float(alpha),
+                              dict(fields, **{"loss.alpha": float(alpha)})))
+        continue
+      if method == "aligndistil":
+        runs.append(RunSpec(f"reverse_dpo_b{beta:g}", "reverse_dpo", float(beta), None,
+                            {"loss.name": "dpo", "loss.beta": float(beta), "data.swap_pairs": True}, plotted=False))
+        fields.update({"loss.beta2": cfg.aligndistil_beta2,
+                       "distill.dpo_checkpoint": f"runs/dpo_b{beta:g}",
+                       "distill.contrast_checkpoint": f"runs/reverse_dpo_b{beta:g}"})
+      runs.append(RunSpec(f"{method}_b{beta:g}", method, float(beta), None, fields))
+  return runs
+
+
+def sft_config(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
+  """The loop config (dotted fields) of the SFT run."""
+  return {
+      "seed": cfg.seed, "model.preset": cfg.model_preset, "data.kind": "arrays",
+      "data.path": os.path.join(workdir, "data", "sft"), "batch_size": cfg.batch_size,
+      "sft.steps": cfg.sft_steps, "sft.learning_rate": cfg.sft_learning_rate,
+      "sft.warmup_steps": max(1, cfg.sft_steps // 10), "dpo.steps": 0,
+      "log_every": max(1, cfg.sft_steps // 4), "checkpoint_every": cfg.sft_steps,
+  }
+
+
+def run_config(cfg: StudyConfig, spec: RunSpec, workdir: str) -> dict[str, Any]:
+  """The loop config (dotted fields) of one preference run: the same as a ``launch/train.py`` call."""
+  fields = {
+      "seed": cfg.seed, "model.preset": cfg.model_preset, "data.kind": "arrays",
+      "data.path": os.path.join(workdir, "data", "preferences"), "batch_size": cfg.batch_size,
+      "init.checkpoint": os.path.join(workdir, "runs", "sft"), "sft.steps": 0,
+      "dpo.steps": cfg.steps, "dpo.learning_rate": cfg.learning_rate,
+      "dpo.warmup_steps": max(1, cfg.steps // 10),
+      "log_every": max(1, cfg.steps // 3), "checkpoint_every": cfg.steps,
+  }
+  for k, v in spec.fields.items():
+    if k.startswith("distill.") and isinstance(v, str):
+      v = os.path.join(workdir, v)
+    fields[k] = v
+  return fields
+
+
+# ----------------------------------------------------------------------------- progress
+
+class _StudyProgress:
+  """Stage lines, ``run i of n`` and a study-level ETA from the mean time of trained runs."""
+
+  STAGES = ("data", "sft", "preferences", "runs", "evaluate", "dera")
+
+  def __init__(self, stream=None, enabled: bool = True):
+    self.stream = sys.stdout if stream is None else stream
+    self.enabled = enabled
+    self.t0 = time.perf_counter()
+    self.run_times: list[float] = []
+
+  def message(self, text: str) -> None:
+    if self.enabled:
+      print(f"[study {time.perf_counter() - self.t0:6.1f}s] {text}", file=self.stream, flush=True)
+
+  def stage(self, name: str, detail: str = "") -> None:
+    i = self.STAGES.index(name) + 1
+    self.message(f"stage {i}/{len(self.STAGES)} {name}" + (f": {detail}" if detail else ""))
+
+  def eta(self, remaining: int) -> str:
+    if not self.run_times or remaining <= 0:
+      return "?" if remaining > 0 else "0:00:00"
+    s = int(round(np.mean(self.run_times) * remaining))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _read_json(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _finished(run_cfg, workdir: str) -> bool:
+  """True when ``workdir`` holds a finished run of exactly this config's identity and budget."""
+  from alignjax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from alignjax.training import run as run_lib  # pylint: disable=import-outside-toplevel
+  final = _read_json(os.path.join(workdir, "final_metrics.json"))
+  record = run_lib.read_record(os.path.join(workdir, "checkpoints"))
+  if final is None or record is None:
+    return False
+  if config_lib.identity_diff(record.get("identity", {}), run_cfg):
+    return False  # loop.run will refuse it and list the fields
+  total = run_cfg.sft.steps + run_cfg.dpo.steps
+  return int(final.get("steps", -1)) == total
+
+
+def _check_identity(cfg: StudyConfig, workdir: str) -> None:
+  path = os.path.join(workdir, "study.json")
+  stored = _read_json(path)
+  now = {k: getattr(cfg, k) for k in IDENTITY_FIELDS}
+  now = json.loads(json.dumps(now))
+  if stored is not None:
+    diff = [f"{k}: stored {stored.get(k)!r}, given {now[k]!r}" for k in IDENTITY_FIELDS if stored.get(k) != now[k]]
+    if diff:
+      raise StudyError(f"run_study: workdir {workdir} holds a study with different data/SFT settings "
+                       f"({'; '.join(diff)}); use another workdir.")
+  _write_json(path, dict(now, config=json.loads(json.dumps(dataclasses.asdict(cfg)))))
+
+
+# ----------------------------------------------------------------------------- the study
+
+def run_study(
+    cfg: StudyConfig,
+    *,
+    workdir: str,
+    train_fn: Optional[Callable[..., Any]] = None,
+    progress: bool = True,
+    stream=None,
+) -> dict[str, Any]:
+  """Runs (or resumes) the whole study in ``workdir``; see the module docstring.
+
+  Args:
+    cfg: a validated :class:`StudyConfig` (:func:`build`).
+    workdir: data sets, runs, evaluations and the outputs.
+    train_fn: ``train_fn(run_cfg, workdir=...)`` trains one run (default
+      :func:`alignjax.training.loop.run`; launchers pass it with their writer).
+    progress: print stage / run / ETA lines (the loop prints steps/s).
+    stream: where progress lines go (default stdout).
+
+  Returns:
+    ``{"rows", "results", "table", "plot", "trained", "skipped", "evaluated",
+    "wall_seconds", "workdir"}``: the result rows, the paths of
+    ``results.jsonl``, ``results.md`` and ``frontier.png``, and the names of the
+    runs trained / skipped (already finished) / evaluated in this call.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from alignjax import decoding  # pylint: disable=import-outside-toplevel
+  from alignjax.data import arrays_tfds  # pylint: disable=import-outside-toplevel
+  from alignjax.data import reviews  # pylint: disable=import-outside-toplevel
+  from alignjax.data.synthetic import EOS, PAD  # pylint: disable=import-outside-toplevel
+  from alignjax.study import evaluation, plots  # pylint: disable=import-outside-toplevel
+  from alignjax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from alignjax.training import loop  # pylint: disable=import-outside-toplevel
+
+  if not isinstance(cfg, StudyConfig):
+    raise TypeError(f"run_study: `cfg` must be a StudyConfig (see alignjax.study.frontier.build), got {type(cfg).__name__}.")
+  validate(cfg)
+  train_fn = loop.run if train_fn is None else train_fn
+  workdir = os.path.abspath(workdir)
+  os.makedirs(os.path.join(workdir, "evals"), exist_ok=True)
+  _check_identity(cfg, workdir)
+  p = _StudyProgress(stream, enabled=progress)
+  task = cfg.task
+  start = time.perf_counter()
+  trained, skipped, evaluated = [], [], []
+
+  def train(name: str, fields: Mapping[str, Any], i: int, n: int) -> None:
+    run_cfg = config_lib.build(None, **fields)
+    run_dir = os.path.join(workdir, "runs", name)
+    if _finished(run_cfg, run_dir):
+      skipped.append(name)
+      p.message(f"run {i} of {n}: {name} -- finished earlier, skipped")
+      return
+    p.message(f"run {i} of {n}: {name} (study ETA {p.eta(n - i + 1)})")
+    t0 = time.perf_counter()
+    train_fn(run_cfg, workdir=run_dir)
+    p.run_times.append(time.perf_counter() - t0)
+    trained.append(name)
+
+  # 1. The SFT data set.
+  p.stage("data", f"reviews SFT set ({cfg.sft_examples} reviews) as TFDS array_record")
+  sft_data = os.path.join(workdir, "data", "sft")
+  arrays_tfds.write_arrays(
+      sft_data, {"train": task.sft_data(cfg.sft_examples, cfg.seed),
+                 "eval": task.sft_data(max(cfg.batch_size, cfg.sft_examples // 8), cfg.seed + 1)},
+      metadata={"vocab_size": task.vocab_size, "task": dataclasses.asdict(task)})
+
+  # 2. SFT.
+  runs = plan_runs(cfg)
+  n_runs = len(runs) + 1
+  p.stage("sft", f"{cfg.model_preset}, {cfg.sft_steps} steps")
+  train("sft", sft_config(cfg, workdir), 1, n_runs)
+  sft_model = loop.load_policy(os.path.join(workdir, "runs", "sft"))
+
+  # 3. Preference data sampled from the SFT model.
+  pref_data = os.path.join(workdir, "data", "preferences")
+  if not arrays_tfds.is_prepared(pref_data):
+    p.stage("preferences", f"{cfg.samples_per_prompt} samples x {cfg.preference_prompts} prompts, "
+            "Bradley-Terry labels from the gold reward")
+    topics = task.sample_topics(cfg.preference_prompts, cfg.seed + 2)
+    prompts, prompt_mask = evaluation.repeat_prompts(*task.prompts(topics), cfg.samples_per_prompt)
+    out = decoding.generate(sft_model, prompts, prompt_mask, max_new_tokens=task.max_len + 1, temperature=1.0,
+                            eos_token_ids=(EOS,), pad_token_id=PAD, rng=jax.random.key(cfg.seed + 2))
+    pairs = reviews.sampled_preferences(task, prompts, np.asarray(out.tokens), np.asarray(out.mask),
+                                        num_samples=cfg.samples_per_prompt, seed=cfg.seed + 3,
+                                        temperature=cfg.label_temperature)
+    n_train, _ = _split_sizes(len(pairs["chosen_tokens"]))
+    arrays_tfds.write_arrays(
+        pref_data, {"train": {k: v[:n_train] for k, v in pairs.items()},
+                    "eval": {k: v[n_train:] for k, v in pairs.items()}},
+        metadata={"vocab_size": task.vocab_size, "task": dataclasses.asdict(task),
+                  "sampled_reward_min": float(min(pairs["chosen_reward"].min(), pairs["rejected_reward"].min())),
+                  "sampled_reward_max": float(max(pairs["chosen_reward"].max(), pairs["rejected_reward"].max())),
+                  "sampled_reward_mean": float(np.mean([pairs["chosen_reward"], pairs["rejected_reward"]]))})
+  else:
+    p.stage("preferences", "on disk, reused")
+  meta = arrays_tfds.read_metadata(pref_data)
+
+  # 4. The sweep.
+  p.stage("runs", f"{len(runs)} runs: methods {', '.join(cfg.methods)} x beta {list(cfg.betas)}")
+  for i, spec in enumerate(runs, start=2):
+    train(spec.name, run_config(cfg, spec, workdir), i, n_runs)
+
+  # 5. The evaluation of every model; 6. DeRa, evaluated the same way.
+  eval_topics = task.sample_topics(cfg.eval_prompts, cfg.seed + 1000)
+  eval_prompts, eval_mask = task.prompts(eval_topics)
+  scorer = evaluation.make_scorer(sft_model)
+  eval_key = jax.random.key(cfg.seed + 4)
+  eval_settings = {"eval_prompts": cfg.eval_prompts, "eval_samples": cfg.eval_samples, "seed": cfg.seed}
+
+  def evaluate(name: str, model_fn: Callable[[], Any], row: dict) -> dict:
+    path = os.path.join(workdir, "evals", f"{name}.json")
+    cached = _read_json(path)
+    if cached is not None and cached.get("eval_settings") == eval_settings and cached.get("stamp") == row.get("stamp"):
+      return cached["row"]
+    scores = evaluation.sample_and_score(
+        model_fn(), sft_model, eval_prompts, eval_mask, num_samples=cfg.eval_samples,
+        max_new_tokens=task.max_len + 1, rng=eval_key, reward_fn=task.gold_reward, scorer=scorer,
+        eos_token_ids=(EOS,), pad_token_id=PAD)
+    row = dict(row, **evaluation.summarize(scores))
+    row.pop("stamp", None)
+    _write_json(path, {"eval_settings": eval_settings, "stamp": stamp(row.get("workdir")), "row": row})
+    evaluated.append(name)
+    return row
+
+  def stamp(run_dir: Optional[str]) -> Optional[float]:
+    if not run_dir:
+      return None
+    final = os.path.join(run_dir, "final_metrics.json")
+    return os.path.getmtime(final) if os.path.exists(final) else None
+
+  models: dict[str, Any] = {}
+
+  def policy(name: str):
+    if name not in models:
+      models[name] = loop.load_policy(os.path.join(workdir, "runs", name))
+    return models[name]
+
+  p.stage("evaluate", f"{cfg.eval_samples} samples x {cfg.eval_prompts} held-out prompts per model")
+  rows = []
+  sft_dir = os.path.join(workdir, "runs", "sft")
+  rows.append(evaluate("sft", lambda: sft_model, {"name": "sft", "method": "sft", "setting": "reference",
+                                                  "workdir": sft_dir, "stamp": stamp(sft_dir)}))
+  plotted = [s for s in runs if s.plotted]
+  for j, spec in enumerate(plotted, start=1):
+    run_dir = os.path.join(workdir, "runs", spec.name)
+    base = {"name": spec.name, "method": spec.method, "setting": spec.setting, "beta": spec.beta,
+            "alpha": spec.alpha, "workdir": run_dir, "stamp": stamp(run_dir)}
+    rows.append(evaluate(spec.name, lambda s=spec: policy(s.name), base))
+    if j % 5 == 0 or j == len(plotted):
+      p.message(f"evaluated {j} of {len(plotted)} runs")
+  if cfg.dera_lambdas:
+    b = cfg.dera_model_beta
+    dpo_name = f"dpo_b{b:g}"
+    p.stage("dera", f"lambda in {list(cfg.dera_lambdas)} between the SFT and {dpo_name}")
+    dpo_dir = os.path.join(workdir, "runs", dpo_name)
+    for lam in cfg.dera_lambdas:
+      name = f"dera_l{lam:g}_{dpo_name}"
+      base = {"name": name, "method": "dera", "setting": f"λ={lam:g} (DPO β={b:g})", "beta": b,
+              "lambda": float(lam), "workdir": dpo_dir, "stamp": stamp(dpo_dir)}
+      rows.append(evaluate(name, lambda l=lam: decoding.dera(policy(dpo_name), sft_model, l), base))
+
+  for r in rows:
+    r["sampled_reward_min"] = meta.get("sampled_reward_min")
+    r["sampled_reward_max"] = meta.get("sampled_reward_max")
+  results = os.path.join(workdir, "results.jsonl")
+  with open(results + ".tmp", "w") as f:
+    for r in rows:
+      f.write(json.dumps(evaluation.as_jsonable(r)) + "\n")
+  os.replace(results + ".tmp", results)
+  table = os.path.join(workdir, "results.md")
+  with open(table, "w") as f:
+    f.write(plots.markdown_table(rows))
+  plot = plots.plot_frontier(rows, os.path.join(workdir, "frontier.png"),
+                             title=f"Reward vs KL on generated reviews ({cfg.model_preset})")
+  wall = time.perf_counter() - start
+  p.message(f"done in {wall:.0f}s: trained {len(trained)}, skipped {len(skipped)} finished runs, "
+            f"evaluated {len(evaluated)} models")
+  p.message(f"results: {results}")
+  p.message(f"table:   {table}")
+  p.message(f"plot:    {plot}")
+  return {"rows": rows, "results": results, "table": table, "plot": plot, "trained": trained,
+          "skipped": skipped, "evaluated": evaluated, "wall_seconds": wall, "workdir": workdir}
