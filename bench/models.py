@@ -152,6 +152,36 @@ def _throughput(config) -> None:
         f"(alignjax log-probs: {_LOGPROBS.value}; torch: full logits + cross-entropy)")
 
 
+def _status_bytes(field: str) -> int | None:
+  """``field`` (e.g. ``VmRSS``) of /proc/self/status in bytes; None off Linux."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def _reset_peak_rss() -> int:
+  """Resets the peak-RSS mark (Linux: ``clear_refs`` 5 resets VmHWM) and returns the current RSS.
+
+  ``ru_maxrss`` cannot be reset, so a transient peak while importing jax/torch
+  would hide the load's own peak; VmHWM after a reset is the load's.
+  """
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return _status_bytes("VmRSS") or 0
+
+
+def _peak_rss() -> int:
+  return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child_load(kind: str, path: str) -> None:
   """Runs in a fresh process: loads ``path`` and prints one JSON line."""
   if kind == "alignjax":
@@ -171,11 +201,11 @@ def _child_load(kind: str, path: str) -> None:
     def load():
       return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
-  base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  base = _reset_peak_rss()
   t = time.perf_counter()
   model = load()
   seconds = time.perf_counter() - t
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  peak = _peak_rss()
   del model
   print(json.dumps({"seconds": seconds, "base_rss": base, "peak_rss": peak}))
 

@@ -21,8 +21,10 @@ opened, not rewritten, unless ``overwrite=True``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from typing import Any, Mapping
@@ -71,6 +73,14 @@ class ArraysDataset(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     return {name: self._generate_examples(name) for name in self.builder_config.splits}
 
+  # TFDS prints "Downloading and preparing dataset ..." around a build; nothing is downloaded here and
+  # the caller reports what it writes.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _generate_examples(self, split: str):
     arrays = self.arrays[split]
     n = len(next(iter(arrays.values())))
@@ -105,9 +115,27 @@ def _spec(fn: str, splits: Mapping[str, Mapping[str, Any]]) -> tuple[dict, dict]
   return out, spec
 
 
+class _DropCustomConfigWarning(logging.Filter):
+  """Drops TFDS's "Using custom data configuration" warning: every data set here has its own config."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def _quiet_custom_config():
+  logger, quiet = logging.getLogger("absl"), _DropCustomConfigWarning()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
 def _builder(path: str, spec: dict, splits: tuple) -> ArraysDataset:
   config = ArraysConfig(name="arrays", spec=spec, splits=tuple(splits))
-  return ArraysDataset(config=config, data_dir=path, file_format="array_record")
+  with _quiet_custom_config():
+    return ArraysDataset(config=config, data_dir=path, file_format="array_record")
 
 
 def _meta_path(path: str) -> str:
