@@ -21,10 +21,8 @@ opened, not rewritten, unless ``overwrite=True``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import os
 import shutil
 from typing import Any, Mapping
@@ -33,7 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from alignjax.data import batch as batch_lib
-from alignjax.data.files import preference_features
+from alignjax.data.files import LocalBuilder, make_builder, preference_features
 
 __all__ = ["ArraysDataset", "is_prepared", "open_arrays", "read_metadata", "write_arrays"]
 
@@ -48,7 +46,7 @@ class ArraysConfig(tfds.core.BuilderConfig):
   splits: tuple = ("train",)
 
 
-class ArraysDataset(tfds.core.GeneratorBasedBuilder):
+class ArraysDataset(LocalBuilder):
   """A data set of arrays handed in by the caller (nothing is downloaded)."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -72,14 +70,6 @@ class ArraysDataset(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     return {name: self._generate_examples(name) for name in self.builder_config.splits}
-
-  # TFDS prints "Downloading and preparing dataset ..." around a build; nothing is downloaded here and
-  # the caller reports what it writes.
-  def _log_download_bytes(self) -> None:
-    pass
-
-  def _log_download_done(self) -> None:
-    pass
 
   def _generate_examples(self, split: str):
     arrays = self.arrays[split]
@@ -115,27 +105,9 @@ def _spec(fn: str, splits: Mapping[str, Mapping[str, Any]]) -> tuple[dict, dict]
   return out, spec
 
 
-class _DropCustomConfigWarning(logging.Filter):
-  """Drops TFDS's "Using custom data configuration" warning: every data set here has its own config."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Using custom data configuration")
-
-
-@contextlib.contextmanager
-def _quiet_custom_config():
-  logger, quiet = logging.getLogger("absl"), _DropCustomConfigWarning()
-  logger.addFilter(quiet)
-  try:
-    yield
-  finally:
-    logger.removeFilter(quiet)
-
-
 def _builder(path: str, spec: dict, splits: tuple) -> ArraysDataset:
   config = ArraysConfig(name="arrays", spec=spec, splits=tuple(splits))
-  with _quiet_custom_config():
-    return ArraysDataset(config=config, data_dir=path, file_format="array_record")
+  return make_builder(ArraysDataset, config=config, data_dir=path, file_format="array_record")
 
 
 def _meta_path(path: str) -> str:

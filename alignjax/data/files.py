@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 from typing import Any, Iterator
@@ -198,12 +199,39 @@ def preference_features(seq_len: int, extra: dict[str, Any] | None = None) -> tf
   return tfds.features.FeaturesDict(features)
 
 
+class LocalBuilder(tfds.core.GeneratorBasedBuilder):
+  """A TFDS builder of data made here: nothing is downloaded, so TFDS's download messages are not printed."""
+
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
+
+class _DropCustomConfigWarning(logging.Filter):
+  """Drops TFDS's "Using custom data configuration" warning: every local data set has its own config."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+def make_builder(cls: type, **kwargs: Any) -> tfds.core.GeneratorBasedBuilder:
+  """``cls(**kwargs)`` without TFDS's per-config warning (a :class:`LocalBuilder` subclass)."""
+  logger, quiet = logging.getLogger("absl"), _DropCustomConfigWarning()
+  logger.addFilter(quiet)
+  try:
+    return cls(**kwargs)
+  finally:
+    logger.removeFilter(quiet)
+
+
 @dataclasses.dataclass
 class PreferenceFileBuilderConfig(tfds.core.BuilderConfig):
   seq_len: int = 0
 
 
-class PreferenceFile(tfds.core.GeneratorBasedBuilder):
+class PreferenceFile(LocalBuilder):
   """A tokenised local preference file (arrays are handed in, not downloaded)."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -270,8 +298,8 @@ def load_preference_file(config: PreferenceFileConfig, *, data_dir: str, build: 
     raise TypeError(f"load_preference_file: `config` must be a PreferenceFileConfig, got {type(config).__name__}.")
   tokenizer = tok_lib.load_tokenizer(config.tokenizer_dir)
   key = cache_key(config, tokenizer)
-  builder = PreferenceFile(
-      config=PreferenceFileBuilderConfig(name=_config_name(config.path, key), seq_len=config.max_len),
+  builder = make_builder(
+      PreferenceFile, config=PreferenceFileBuilderConfig(name=_config_name(config.path, key), seq_len=config.max_len),
       data_dir=data_dir, file_format="array_record")
   report_path = os.path.join(builder.data_dir, _REPORT_FILE)
   if builder.is_prepared() and os.path.isfile(report_path):

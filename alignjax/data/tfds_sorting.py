@@ -12,7 +12,7 @@ import dataclasses
 
 import tensorflow_datasets as tfds
 
-from alignjax.data.files import preference_features
+from alignjax.data.files import LocalBuilder, make_builder, preference_features
 from alignjax.data.synthetic import SortingTask
 
 
@@ -26,7 +26,7 @@ class SortingPreferencesConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-class SortingPreferences(tfds.core.GeneratorBasedBuilder):
+class SortingPreferences(LocalBuilder):
   """Pairs of (sorted, corrupted) responses to digit-sorting prompts."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -78,7 +78,7 @@ def sorting_preferences(
       num_symbols=task.num_symbols, min_len=task.min_len, max_len=task.max_len,
       train_examples=train_examples, eval_examples=eval_examples, seed=seed,
   )
-  builder = SortingPreferences(config=config, data_dir=data_dir, file_format="array_record")
+  builder = make_builder(SortingPreferences, config=config, data_dir=data_dir, file_format="array_record")
   tfds.disable_progress_bar()
   builder.download_and_prepare()
   return builder.as_data_source(split="train"), builder.as_data_source(split="eval")
