@@ -278,3 +278,28 @@ def test_chat_rows_without_a_chat_template_fail_clearly(tmp_path):
   rows = [{"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}]
   with pytest.raises(ValueError, match="no chat template"):
     tokenize_file(write_jsonl(tmp_path / "x.jsonl", rows), tdir)
+
+
+def test_building_and_reading_leaves_no_temp_dir_and_no_tfds_warning(tok_dir, tmp_path, monkeypatch, caplog):
+  """TFDS made a ``tmp*tfds`` dir per unbuilt builder and warned "Variant folder ... has no dataset_info.json"."""
+  import tempfile
+
+  from alignjax.data import arrays_tfds, tfds_sorting
+  from alignjax.data.synthetic import SortingTask
+  systmp = tmp_path / "systmp"
+  systmp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(systmp))  # this test's own "system temp dir"
+  tdir, _ = tok_dir
+  cfg = files.PreferenceFileConfig(path=write_jsonl(tmp_path / "d.jsonl", ROWS), tokenizer_dir=tdir, max_len=16)
+  with caplog.at_level("INFO"):
+    for build in (True, False):  # build, then open from disk
+      source, report = files.load_preference_file(cfg, data_dir=str(tmp_path / "data"), build=build)
+      assert len(source) == 3 and report.cached == (not build) and source[2]["row"] == 2
+    path = arrays_tfds.write_arrays(str(tmp_path / "arrays"), {"train": {"x": np.arange(5)}})
+    assert arrays_tfds.open_arrays(path)[4]["x"] == 4
+    train, ev = tfds_sorting.sorting_preferences(SortingTask(5, 2, 3), train_examples=4, eval_examples=2, seed=0,
+                                                 data_dir=str(tmp_path / "sorting"))
+    assert (len(train), len(ev)) == (4, 2)
+  assert tempfile.gettempdir() == str(systmp) and sorted(os.listdir(systmp)) == []
+  messages = [r.getMessage() for r in caplog.records]
+  assert messages and not [m for m in messages if "Variant folder" in m or "dataset_info.json" in m], messages

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from alignjax.data import batch as batch_lib
-from alignjax.data.files import LocalBuilder, make_builder, preference_features
+from alignjax.data.files import LocalBuilder, LocalDatasetInfo, make_builder, preference_features
 
 __all__ = ["ArraysDataset", "is_prepared", "open_arrays", "read_metadata", "write_arrays"]
 
@@ -65,7 +65,7 @@ class ArraysDataset(LocalBuilder):
     else:
       extra.update({k: tfds.features.Tensor(shape=tuple(spec[k][0]), dtype=np.dtype(spec[k][1])) for k in pref})
       features = tfds.features.FeaturesDict(extra)
-    return tfds.core.DatasetInfo(builder=self, description=__doc__, features=features, disable_shuffling=True)
+    return LocalDatasetInfo(builder=self, description=__doc__, features=features, disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
     del dl_manager

@@ -199,8 +199,28 @@ def preference_features(seq_len: int, extra: dict[str, Any] | None = None) -> tf
   return tfds.features.FeaturesDict(features)
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """The ``DatasetInfo`` of a :class:`LocalBuilder`: there is no pre-computed info to fetch.
+
+  TFDS's ``initialize_from_bucket`` (called when a builder is made before its
+  data set is written) creates a ``tmp*tfds`` directory in the system temp dir
+  before it looks at the TFDS bucket, and never removes it.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class LocalBuilder(tfds.core.GeneratorBasedBuilder):
-  """A TFDS builder of data made here: nothing is downloaded, so TFDS's download messages are not printed."""
+  """A TFDS builder of data made here: nothing is downloaded, so TFDS's download messages are not printed.
+
+  ``_info`` returns a :class:`LocalDatasetInfo` (no temp directory per builder);
+  :meth:`is_prepared` checks quietly.
+  """
+
+  def is_prepared(self) -> bool:
+    """Whether the data set is written (TFDS's check warns "Variant folder ... has no dataset_info.json" if not)."""
+    return (self.data_path / "dataset_info.json").exists()
 
   def _log_download_bytes(self) -> None:
     pass
@@ -241,7 +261,7 @@ class PreferenceFile(LocalBuilder):
   arrays: dict[str, np.ndarray] | None = None
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self, description=__doc__,
         features=preference_features(self.builder_config.seq_len,
                                      {"row": tfds.features.Tensor(shape=(), dtype=np.int32)}))

@@ -12,7 +12,7 @@ import dataclasses
 
 import tensorflow_datasets as tfds
 
-from alignjax.data.files import LocalBuilder, make_builder, preference_features
+from alignjax.data.files import LocalBuilder, LocalDatasetInfo, make_builder, preference_features
 from alignjax.data.synthetic import SortingTask
 
 
@@ -39,7 +39,7 @@ class SortingPreferences(LocalBuilder):
     return SortingTask(c.num_symbols, c.min_len, c.max_len)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self,
         description=__doc__,
         features=preference_features(self.task.seq_len),
