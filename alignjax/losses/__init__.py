@@ -10,6 +10,12 @@ from alignjax.losses.aligndistil import (
     aligndistil_loss,
     aligndistil_teacher,
 )
+from alignjax.losses.kto import (
+    KTOOutput,
+    kto_kl_estimate,
+    kto_loss,
+    kto_mismatched_pairs,
+)
 from alignjax.losses.logprobs import (
     chunked_token_logprobs,
     masked_mean,
@@ -48,6 +54,7 @@ __all__ = [
     "AlignDistilTeacher",
     "GPO_ALIASES",
     "GPO_FUNCTIONS",
+    "KTOOutput",
     "PreferenceOutput",
     "TDPOOutput",
     "TDPOStats",
@@ -59,6 +66,9 @@ __all__ = [
     "gpo_function",
     "gpo_loss",
     "hinge",
+    "kto_kl_estimate",
+    "kto_loss",
+    "kto_mismatched_pairs",
     "logistic",
     "masked_mean",
     "masked_sum",
