@@ -41,6 +41,7 @@ from alignjax.losses.preference import (
     squared,
     truncated_quadratic,
 )
+from alignjax.losses.reward import RewardOutput, bradley_terry_loss
 from alignjax.losses.tdpo import (
     TDPOOutput,
     TDPOStats,
@@ -56,10 +57,12 @@ __all__ = [
     "GPO_FUNCTIONS",
     "KTOOutput",
     "PreferenceOutput",
+    "RewardOutput",
     "TDPOOutput",
     "TDPOStats",
     "aligndistil_loss",
     "aligndistil_teacher",
+    "bradley_terry_loss",
     "chunked_token_logprobs",
     "dpo_loss",
     "exponential",
