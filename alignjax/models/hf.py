@@ -22,7 +22,9 @@ from flax import nnx
 from alignjax import sharding as sharding_lib
 from alignjax.models import families
 from alignjax.models.config import ModelConfig, dtype_name
-from alignjax.models.transformer import Transformer
+from alignjax.models import reward as reward_lib
+from alignjax.models.reward import RewardModel
+from alignjax.models.transformer import Block, Transformer
 
 _ST_TO_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -131,6 +133,80 @@ def _value(var):
   return var.get_value() if hasattr(var, "get_value") else var.value
 
 
+def _slot(model: nnx.Module, path: tuple):
+  """(Variable, layer) of a per-layer parameter path such as ("layers", 3, "attn", "q").
+
+  In a ``scan_layers`` model the layers are one stacked Block: the path's layer index is
+  then a row of the stacked Variable (returned as `layer`); otherwise `layer` is None.
+  """
+  obj, layer = model, None
+  for key in path:
+    if isinstance(key, int):
+      if isinstance(obj, Block):
+        layer = key
+      else:
+        obj = obj[key]
+    else:
+      obj = getattr(obj, key)
+  return obj, layer
+
+
+def _slot_value(model: nnx.Module, path: tuple):
+  var, layer = _slot(model, path)
+  value = _value(var)
+  return value if layer is None else value[layer]
+
+
+class _StackedLoad:
+  """Fills a stacked [L, ...] parameter layer by layer from per-layer host tensors.
+
+  Without a mesh the rows go into one host buffer; with a mesh each distinct shard of
+  this process's devices gets its own buffer, so host memory holds at most this process's
+  shards of one stacked parameter. The Variable is set once all L rows have arrived.
+  """
+
+  def __init__(self, var, mesh):
+    self.var = var
+    self.mesh = mesh
+    value = _value(var)
+    self.shape = tuple(value.shape)
+    self.dtype = np.dtype(value.dtype)
+    self.seen: set[int] = set()
+    if mesh is None:
+      self.buffers = {None: np.empty(self.shape, self.dtype)}
+      self.devices = None
+    else:
+      self.sharding = sharding_lib.variable_sharding(var, mesh)
+      index_map = self.sharding.addressable_devices_indices_map(self.shape)
+      self.devices = {d: self._key(idx) for d, idx in index_map.items()}
+      self.buffers = {}
+      for key in self.devices.values():
+        if key not in self.buffers:
+          self.buffers[key] = np.empty([len(range(*sl)) for sl in key], self.dtype)
+
+  def _key(self, idx):
+    return tuple(s.indices(n) for s, n in zip(idx, self.shape))
+
+  def put(self, layer: int, host: np.ndarray):
+    for key, buf in self.buffers.items():
+      if key is None:
+        buf[layer] = host
+        continue
+      rows = range(*key[0])
+      if layer in rows:
+        buf[rows.index(layer)] = host[tuple(slice(*sl) for sl in key[1:])]
+    self.seen.add(layer)
+    if len(self.seen) == self.shape[0]:
+      self.var.set_value(self._finish())
+      self.buffers = {}
+
+  def _finish(self):
+    if self.mesh is None:
+      return jnp.asarray(self.buffers[None])
+    arrays = [jax.device_put(self.buffers[key], d) for d, key in self.devices.items()]
+    return jax.make_array_from_single_device_arrays(self.shape, self.sharding, arrays)
+
+
 def _host(x) -> np.ndarray:
   """A parameter as a host numpy array (gathered across processes if needed)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -151,8 +227,12 @@ def read_hf_config(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- public API
-def from_hf(path, *, dtype=jnp.float32, param_dtype=None, mesh=None, **config_overrides) -> Transformer:
+def from_hf(path, *, dtype=jnp.float32, param_dtype=None, mesh=None,
+            **config_overrides) -> Transformer | RewardModel:
   """Load a local Hugging Face `save_pretrained` directory as a `Transformer`.
+
+  A `*ForSequenceClassification` checkpoint with one label loads as a `RewardModel`
+  (scores [B] at each row's last real token; see `alignjax.models.reward`).
 
   Args:
     path: directory with config.json and model.safetensors (or sharded files + index),
@@ -174,7 +254,8 @@ def from_hf(path, *, dtype=jnp.float32, param_dtype=None, mesh=None, **config_ov
   if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
     raise TypeError(f"from_hf: `mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}.")
   cfg = config_from_hf(d, dtype=dt, param_dtype=pdt, **config_overrides)
-  specs = families.tensor_specs(cfg)
+  reward = reward_lib.is_sequence_classification(d)
+  specs = reward_lib.tensor_specs(cfg) if reward else families.tensor_specs(cfg)
   ckpt = _Checkpoint(path)
 
   names = {}
@@ -194,8 +275,9 @@ def from_hf(path, *, dtype=jnp.float32, param_dtype=None, mesh=None, **config_ov
     raise ValueError(f"from_hf: checkpoint {path!r} has {len(unexpected)} tensor(s) this "
                      f"{cfg.family} config does not use, e.g. {unexpected[:3]}.")
 
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: (RewardModel if reward else Transformer)(cfg, rngs=nnx.Rngs(0)))
   np_pdt = np.dtype(jnp.dtype(pdt))
+  stacks: dict[int, _StackedLoad] = {}
   for spec in specs:
     name = names[spec.name]
     info = ckpt.info(name)
@@ -206,11 +288,15 @@ def from_hf(path, *, dtype=jnp.float32, param_dtype=None, mesh=None, **config_ov
       raise ValueError(f"from_hf: tensor {name!r} has dtype {info['dtype']}, expected a float.")
     parts = spec.to_params(ckpt.get(name))
     for ppath, part in zip(spec.paths, parts):
-      var = _lookup(model, ppath)
+      var, layer = _slot(model, ppath)
       shape = tuple(_value(var).shape)
       host = np.asarray(part).astype(np_pdt)
-      if host.shape != shape:  # internal consistency of the adapter
+      if host.shape != (shape if layer is None else shape[1:]):  # the adapter's consistency
         raise ValueError(f"from_hf: {name!r} -> {ppath} has shape {host.shape}, expected {shape}.")
+      if layer is not None:  # scan_layers: one row of a stacked parameter
+        stacks.setdefault(id(var), _StackedLoad(var, mesh)).put(layer, host)
+        del host
+        continue
       if mesh is None:
         value = jnp.asarray(host)
       else:
@@ -236,15 +322,16 @@ def to_hf(model: Transformer, out_dir, *, max_shard_size: int = DEFAULT_MAX_SHAR
   if not isinstance(cfg, ModelConfig):
     raise TypeError(f"to_hf: `model` must be an alignjax Transformer, got {type(model).__name__}.")
   out_dir = os.fspath(out_dir)
-  hf_cfg = config_to_hf(cfg)
-  specs = families.tensor_specs(cfg)
+  reward = isinstance(model, RewardModel)  # a *ForSequenceClassification with one label
+  hf_cfg = reward_lib.hf_config(cfg) if reward else config_to_hf(cfg)
+  specs = reward_lib.tensor_specs(cfg) if reward else families.tensor_specs(cfg)
   st = _NP_TO_ST[np.dtype(jnp.dtype(cfg.param_dtype)).name]
   itemsize = np.dtype(_ST_TO_NP[st]).itemsize
   write = jax.process_index() == 0
 
   def producer(spec):
     def produce():
-      arrays = [_host(_value(_lookup(model, p))) for p in spec.paths]
+      arrays = [_host(_slot_value(model, p)) for p in spec.paths]
       return spec.from_params(*arrays)
     return produce
 
