@@ -46,6 +46,23 @@ import numpy as np
 # machine with no TPU, compiling for a topology is harmless.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+
+def _quiet_libtpu_without_a_tpu() -> None:
+  """On a machine without a TPU chip, libtpu (loaded only to compile) does not look for its own slice.
+
+  Otherwise it prints "could not determine TPU accelerator type" and an
+  ``INVALID_ARGUMENT`` line about ``TPU_WORKER_HOSTNAMES``; the topology it
+  compiles for is given by name and is the same either way (checked on v4/v5e,
+  multi-host and multi-slice).
+  """
+  from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+
+
+_quiet_libtpu_without_a_tpu()
+
 GiB = 1024 ** 3
 
 
