@@ -219,31 +219,53 @@ def metrics_writer(workdir: str, **kwargs) -> NullWriter:
 # Dense peak FLOP/s per device by `device_kind` (vendor datasheets).
 _PEAK = {
     "H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16": 989e12, "float32": 67e12},
-    "A100": {"bfloat16": 312e12, "float32": 19.5e12}, "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 4},
-    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 4}, "TPU v5": {"bfloat16": 459e12, "float32": 459e12 / 4},
+    "B200": {"bfloat16": 2250e12, "float32": 80e12}, "A100": {"bfloat16": 312e12, "float32": 19.5e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 4}, "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 4},
+    "TPU v5": {"bfloat16": 459e12, "float32": 459e12 / 4}, "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12 / 4},
 }
-_measured: dict[str, float] = {}
+_measured: dict[tuple[str, str], "PeakFlops"] = {}
 
 
-def peak_flops(dtype: str = "float32") -> float:
-  """Peak FLOP/s of all local devices: a datasheet value, or (CPU) a quick matmul measurement."""
+class PeakFlops(float):
+  """A peak FLOP/s figure that says where it comes from (``source``: "H200 bfloat16 datasheet", "measured float32")."""
+
+  source: str = ""
+
+  def __new__(cls, value: float, source: str):
+    out = super().__new__(cls, value)
+    out.source = source
+    return out
+
+
+def peak_flops(dtype: str = "float32") -> PeakFlops:
+  """Peak FLOP/s of all local devices: the accelerator's datasheet figure, else a measured matmul.
+
+  GPUs/TPUs in ``_PEAK``: the published dense figure for ``dtype`` times the
+  local device count. Otherwise (CPU, other accelerators) the best of a few
+  ``n x n`` matmuls in ``dtype`` on the first device, measured once per process
+  (CPU: fake devices share the host's cores, so the figure is the host's).
+  """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   dev = jax.local_devices()[0]
   kind = getattr(dev, "device_kind", "") or ""
+  count = 1 if dev.platform == "cpu" else jax.local_device_count()
   for name, peaks in _PEAK.items():
     if name.lower() in kind.lower():
-      return peaks.get(dtype, peaks["float32"]) * jax.local_device_count()
-  if dtype not in _measured:
-    n = 512
-    a = jnp.ones((n, n), dtype)
-    jnp.dot(a, a).block_until_ready()
-    t0, reps = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 0.05:
+      d = {"float16": "bfloat16"}.get(dtype, dtype)  # same tensor-core rate
+      d = d if d in peaks else "float32"
+      return PeakFlops(peaks[d] * count, f"{name} {d} datasheet")
+  if (kind, dtype) not in _measured:
+    n = 1024 if dev.platform == "cpu" else 8192
+    a = jax.device_put(jnp.ones((n, n), dtype), dev)
+    jnp.dot(a, a).block_until_ready()  # compile, warm up
+    best, t_end = float("inf"), time.perf_counter() + 0.1
+    while time.perf_counter() < t_end or best == float("inf"):
+      t0 = time.perf_counter()
       jnp.dot(a, a).block_until_ready()
-      reps += 1
-    _measured[dtype] = 2 * n ** 3 * reps / (time.perf_counter() - t0)
-  return _measured[dtype]
+      best = min(best, time.perf_counter() - t0)
+    _measured[(kind, dtype)] = PeakFlops(2 * n ** 3 / best * count, f"measured {dtype}")
+  return _measured[(kind, dtype)]
 
 
 def _hms(seconds: float) -> str:
@@ -277,6 +299,7 @@ class Progress:
     self._peak = None
 
   def set_peak_flops(self, value: float) -> None:
+    """The peak behind the MFU figure (a :class:`PeakFlops` names its source in the progress line)."""
     self._peak = value
 
   def message(self, text: str) -> None:
@@ -314,7 +337,8 @@ class Progress:
       return
     speed = f"{stats['steps_per_s']:.1f} steps/s {stats['tokens_per_s']:,.0f} tok/s"
     if "mfu" in stats:
-      speed += f" MFU {100 * stats['mfu']:.2f}%"
+      source = getattr(self._peak, "source", "")
+      speed += f" MFU {100 * stats['mfu']:.2f}%" + (f" of {source} peak" if source else "")
     speed += f" ETA {_hms(stats['eta_s'])}"
     text = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
     if self._bar is not None:
