@@ -108,9 +108,10 @@ def _wrap(main: Callable) -> Callable:
       jax.distributed.initialize()
     from alignjax.training import config as config_lib  # pylint: disable=import-outside-toplevel
     from alignjax.training import run as run_lib  # pylint: disable=import-outside-toplevel
+    from alignjax.data.tokenize import DataError  # pylint: disable=import-outside-toplevel
     try:
       return main(argv)
-    except (config_lib.ConfigError, run_lib.RunLockedError) as e:
+    except (config_lib.ConfigError, run_lib.RunLockedError, DataError) as e:
       if _VERBOSE.value:
         raise
       _error(str(e), run_lib.EXIT_USER_ERROR)

@@ -303,3 +303,130 @@ def test_building_and_reading_leaves_no_temp_dir_and_no_tfds_warning(tok_dir, tm
   assert tempfile.gettempdir() == str(systmp) and sorted(os.listdir(systmp)) == []
   messages = [r.getMessage() for r in caplog.records]
   assert messages and not [m for m in messages if "Variant folder" in m or "dataset_info.json" in m], messages
+
+
+# ------------------------------------------------------------------------------------------
+# ChatML: one end-of-turn token per response, whole-turn prompt truncation (issue 20).
+
+CHATML_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                   "{{ '<|im_start|>system\\nYou are helpful<|im_end|>\\n' }}{% endif %}"
+                   "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory):
+  """A byte-level BPE tokenizer (newlines are tokens) with SmolLM2's ChatML conventions:
+  BOS ``<|im_start|>``, EOS = PAD ``<|im_end|>``, no BOS added to plain text."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=CHAT_SPECIALS,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([" ".join(WORDS) + "\nuser assistant system\n"] * 4, trainer=trainer)
+  path = tmp_path_factory.mktemp("chatml")
+  tok.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+               "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE}, f)
+  return str(path)
+
+
+def _hf_chat_ids(hf, messages, **kw):
+  out = hf.apply_chat_template(messages, tokenize=True, **kw)
+  return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _msgs(*pairs):
+  return [{"role": r, "content": c} for r, c in pairs]
+
+
+def test_chatml_response_ends_with_one_end_of_turn_token(chatml_dir, tmp_path):
+  """Reference: transformers' apply_chat_template; the response is the template's text up to <|im_end|>."""
+  import transformers
+  hf = transformers.AutoTokenizer.from_pretrained(chatml_dir)
+  im_end = hf.convert_tokens_to_ids("<|im_end|>")
+  rows = [
+      {"prompt": _msgs(("user", "what is two plus three")), "chosen": _msgs(("assistant", "it is five")),
+       "rejected": _msgs(("assistant", "it is four"))},
+      {"prompt": _msgs(("system", "sort the digits"), ("user", "a b c")), "chosen": _msgs(("assistant", "a b c")),
+       "rejected": _msgs(("assistant", "c b a"))},
+      {"prompt": _msgs(("user", "how do you sort"), ("assistant", "they are sorted"), ("user", "what is six")),
+       "chosen": _msgs(("assistant", "it is six")), "rejected": _msgs(("assistant", "it is five"))},
+  ]
+  arrays, report = tokenize_file(write_jsonl(tmp_path / "c.jsonl", rows), chatml_dir, max_len=96)
+  assert report.kept == 3 and report.lost_end_of_turn == 0
+  for i, r in enumerate(rows):
+    prompt = _hf_chat_ids(hf, r["prompt"], add_generation_prompt=True)
+    for side in ("chosen", "rejected"):
+      full = _hf_chat_ids(hf, r["prompt"] + r[side])
+      assert hf.decode(full[-2:]) == "<|im_end|>\n"
+      expected = full[:-1]  # the content, then <|im_end|> once (not the template's newline, no second EOS)
+      tokens, attention = arrays[f"{side}_tokens"][i], arrays[f"{side}_attention"][i]
+      np.testing.assert_array_equal(tokens[attention], expected)
+      np.testing.assert_array_equal(np.flatnonzero(arrays[f"{side}_response"][i]), np.arange(len(prompt), len(expected)))
+      assert list(tokens[len(prompt):len(expected)]).count(im_end) == 1
+  tok = tok_lib.load_tokenizer(chatml_dir)
+  assert tok.chat_prompt_ids(rows[2]["prompt"]) == _hf_chat_ids(hf, rows[2]["prompt"], add_generation_prompt=True)
+
+
+def test_chat_prompt_truncation_drops_whole_turns_and_counts_lost_end_of_turn(chatml_dir, tmp_path):
+  import transformers
+  hf = transformers.AutoTokenizer.from_pretrained(chatml_dir)
+  history = [("system", "sort the digits"), ("user", "a b c d e f g h"), ("assistant", "a b c d e f g h"),
+             ("user", "how do you sort the digits please"), ("assistant", "they are sorted"), ("user", "what is five")]
+  long_last = [("user", " ".join(WORDS * 3))]
+  rows = [
+      {"prompt": _msgs(*history), "chosen": _msgs(("assistant", "it is five")),
+       "rejected": _msgs(("assistant", "it is four"))},
+      {"prompt": _msgs(*long_last), "chosen": _msgs(("assistant", "a")), "rejected": _msgs(("assistant", "b"))},
+      {"prompt": _msgs(("user", "a")), "chosen": _msgs(("assistant", " ".join(WORDS))),
+       "rejected": _msgs(("assistant", "b"))},
+  ]
+  full_prompt = _hf_chat_ids(hf, rows[0]["prompt"], add_generation_prompt=True)
+  # Room for the system prompt and the last two turns (user, assistant, user) but not the whole history.
+  kept_msgs = _msgs(history[0], *history[3:])
+  kept = _hf_chat_ids(hf, kept_msgs, add_generation_prompt=True)
+  assert len(kept) < len(full_prompt)
+  arrays, report = tokenize_file(write_jsonl(tmp_path / "t.jsonl", rows), chatml_dir, max_len=len(kept) + 24,
+                                 max_prompt_len=len(kept))
+  assert report.dropped == {"too_long": 1} and report.row_numbers == {"too_long": [1]}  # last turn alone too long
+  assert report.kept == 2 and report.truncated_prompt == 1 and report.truncated_response == 1
+  assert report.lost_end_of_turn == 1  # row 2's long chosen answer lost its <|im_end|>
+  assert "1 responses lost their end-of-turn token" in report.summary()
+  chosen = _hf_chat_ids(hf, kept_msgs + rows[0]["chosen"])[:-1]
+  np.testing.assert_array_equal(arrays["chosen_tokens"][0][arrays["chosen_attention"][0]], chosen)
+  text = hf.decode(arrays["chosen_tokens"][0][arrays["chosen_attention"][0]])
+  assert text.startswith("<|im_start|>system\nsort the digits<|im_end|>\n<|im_start|>user\nhow do")  # whole turns
+  np.testing.assert_array_equal(arrays["row"], [0, 2])
+  assert arrays["chosen_tokens"][1][arrays["chosen_attention"][1]][-1] != hf.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_plain_prompt_truncation_keeps_no_bos_the_tokenizer_did_not_add(chatml_dir, tmp_path):
+  """A pre-rendered ChatML prompt given as text: cutting it keeps its end only (no dangling <|im_start|>)."""
+  tok = tok_lib.load_tokenizer(chatml_dir)
+  assert tok.prompt_prefix == [] and tok.bos_id == tok.tokenizer.token_to_id("<|im_start|>")
+  prompt = "<|im_start|>user\nhow do you sort the digits please<|im_end|>\n<|im_start|>assistant\n"
+  rows = [{"prompt": prompt, "chosen": "a b", "rejected": "c"}]
+  arrays, report = tokenize_file(write_jsonl(tmp_path / "p.jsonl", rows), chatml_dir, max_len=24, max_prompt_len=6)
+  p_ids = tok.encode(prompt)
+  assert report.truncated_prompt == 1
+  np.testing.assert_array_equal(arrays["chosen_tokens"][0][:6], p_ids[-6:])
+
+
+def test_no_usable_row_exits_2_with_one_line_through_the_launcher(tok_dir, tmp_path):
+  import subprocess
+  import sys
+  tdir, _ = tok_dir
+  path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "b"}, {"x": 1}])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "launch.train", f"--workdir={tmp_path / 'run'}", "--config.data.kind=file",
+         f"--config.data.path={path}", f"--config.data.tokenizer={tdir}", "--config.data.seq_len=16"]
+  proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "no usable row in" in lines[0] and "bad.jsonl (2 rows" in lines[0], proc.stderr

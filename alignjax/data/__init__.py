@@ -13,8 +13,8 @@ from alignjax.data.files import PreferenceFileConfig, load_preference_file, read
 from alignjax.data.pipeline import make_iterator, sharded_batches
 from alignjax.data.synthetic import SortingTask, preference_batches, to_arrays
 from alignjax.data.tfds_sorting import SortingPreferences, sorting_preferences
-from alignjax.data.tokenize import DataReport, HFTokenizer, TokenizeOptions, load_tokenizer, tokenize_pairs
+from alignjax.data.tokenize import DataError, DataReport, HFTokenizer, TokenizeOptions, load_tokenizer, tokenize_pairs
 
-__all__ = ["DataReport", "HFTokenizer", "PreferenceFileConfig", "SortingPreferences", "SortingTask",
+__all__ = ["DataError", "DataReport", "HFTokenizer", "PreferenceFileConfig", "SortingPreferences", "SortingTask",
            "TokenizeOptions", "load_preference_file", "load_tokenizer", "make_iterator", "preference_batches",
            "read_records", "sharded_batches", "sorting_preferences", "to_arrays", "tokenize_pairs"]

@@ -35,7 +35,7 @@ from alignjax.data import tokenize as tok_lib
 
 FORMATS = ("auto", "jsonl", "parquet", "save_to_disk")
 _REPORT_FILE = "alignjax_report.json"
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: chat responses end with one end-of-turn token; chat prompts lose whole turns
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -311,8 +311,9 @@ def load_preference_file(config: PreferenceFileConfig, *, data_dir: str, build: 
     when the set was already on disk).
 
   Raises:
-    ValueError: a file without a usable row (names the file and the reasons);
-      ``build=False`` and the set is not on disk.
+    DataError: (a ValueError) a file without a usable row (one line: the file, the
+      row count, the reasons).
+    ValueError: ``build=False`` and the set is not on disk.
   """
   if not isinstance(config, PreferenceFileConfig):
     raise TypeError(f"load_preference_file: `config` must be a PreferenceFileConfig, got {type(config).__name__}.")
@@ -333,7 +334,7 @@ def load_preference_file(config: PreferenceFileConfig, *, data_dir: str, build: 
     records = read_records(config.path, format=config.format, split=config.split)
     arrays, report = tok_lib.tokenize_pairs(records, tokenizer, config.options, source=config.path)
     if report.kept == 0:
-      raise ValueError(f"load_preference_file: no usable row in {config.path} ({report.rows} rows; dropped "
+      raise tok_lib.DataError(f"load_preference_file: no usable row in {config.path} ({report.rows} rows; dropped "
                        f"{dict(sorted(report.dropped.items()))}, first rows {report.row_numbers}).")
     builder.arrays = arrays
     tfds.disable_progress_bar()

@@ -11,18 +11,28 @@ A pair becomes two rows of the :mod:`alignjax.data.batch` schema,
 * plain-text rows: ``prompt_ids = [BOS] + encode(prompt)`` when the tokenizer
   adds a BOS (``add_bos_token`` in the config, else whatever the tokenizer's
   post-processor puts in front), ``response_ids = encode(response) + [EOS]``;
-* chat rows: ``prompt_text = template(prompt_messages, add_generation_prompt=True)``,
-  ``response_text = template(prompt_messages + response_messages)[len(prompt_text):]``
-  (as TRL's ``maybe_apply_chat_template`` does), both encoded without added
-  special tokens (the template writes them), then ``+ [EOS]`` unless the
-  response already ends with EOS.
+* chat rows: ``prompt_text = template(prompt_messages, add_generation_prompt=True)``
+  (exactly what transformers' ``apply_chat_template(..., add_generation_prompt=True)``
+  renders: system prompts and earlier turns kept),
+  ``response_text = template(prompt_messages + response_messages)[len(prompt_text):]``,
+  both encoded without added special tokens (the template writes them). The
+  response is its content followed by the template's end-of-turn token ONCE: the
+  ids are cut after the last special token the template wrote when only whitespace
+  follows it (ChatML's ``<|im_end|>\n`` becomes ``<|im_end|>``, which is what the
+  sampler stops on); a template that writes no special token after the content
+  gets ``[EOS]`` appended. TRL (>= 1.0) keeps the template's trailing newline
+  (``<|im_end|>\n``); earlier alignjax appended EOS after it as well.
 
-Truncation (counted in the :class:`DataReport`): the prompt keeps its END
-(left-truncated to ``max_prompt_len``, a leading BOS kept), each response keeps
-its START (right-truncated to ``max_len - len(prompt)``). A ``"drop"`` policy
-drops such rows as ``too_long`` instead. Malformed rows are dropped and reported
-with their row numbers (0-based record index in the file; for JSONL the 0-based
-line number).
+Truncation (counted in the :class:`DataReport`): a plain-text prompt keeps its END
+(left-truncated to ``max_prompt_len``; a BOS the tokenizer put in front is kept);
+a chat prompt loses whole turns from the left (system messages kept, the kept
+history starting at a user turn) until it fits, and a row whose last user turn
+alone does not fit is dropped as ``too_long`` (a cut turn would leave its header,
+e.g. ChatML's ``<|im_start|>``, dangling). Each response keeps its START
+(right-truncated to ``max_len - len(prompt)``); the report counts the responses
+that lost their end-of-turn/EOS token this way. A ``"drop"`` policy drops such
+rows as ``too_long`` instead. Malformed rows are dropped and reported with their
+row numbers (0-based record index in the file; for JSONL the 0-based line number).
 """
 
 from __future__ import annotations
@@ -56,6 +66,10 @@ RESPONSE_POLICIES = ("keep_start", "drop")
 
 class TokenizerSetupError(ValueError):
   """A tokenizer directory that cannot serve the rows (not a row-level problem)."""
+
+
+class DataError(ValueError):
+  """A data file that yields no usable row (one line naming the file and the counts; launchers exit 2)."""
 
 
 class BadRecord:
@@ -141,6 +155,8 @@ class HFTokenizer:
     for name in files:
       h.update(name.encode() + b"\0" + _sha256_file(os.path.join(directory, name)).encode())
     self.fingerprint = h.hexdigest()
+    self.special_ids = frozenset(
+        i for i, t in self.tokenizer.get_added_tokens_decoder().items() if getattr(t, "special", False))
     self._hf = None
 
   @property
@@ -170,6 +186,32 @@ class HFTokenizer:
     return self._hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+  def chat_prompt_ids(self, messages: list) -> list[int]:
+    """Ids of ``messages`` rendered with ``add_generation_prompt=True``, ready for sampling.
+
+    Equals transformers' ``apply_chat_template(messages, add_generation_prompt=True)``
+    (``tokenize=True``): the rendered text encoded without added special tokens.
+    """
+    if not _is_messages(messages):
+      raise ValueError("HFTokenizer.chat_prompt_ids: `messages` must be a list of {role, content} dicts, "
+                       f"got {str(messages)[:80]!r}.")
+    return self.encode(self.apply_chat_template(list(messages), add_generation_prompt=True))
+
+  def end_turn(self, ids: Sequence[int]) -> list[int] | None:
+    """``ids`` of a rendered chat response cut after its end-of-turn token, or None if it has none.
+
+    The end-of-turn token is the last special token, when only whitespace follows it.
+    """
+    ids = list(ids)
+    for j in range(len(ids) - 1, -1, -1):
+      if ids[j] in self.special_ids:
+        tail = ids[j + 1:]
+        if not tail or not self.tokenizer.decode(tail, skip_special_tokens=False).strip():
+          return ids[:j + 1]
+        return None
+    return None
+
+
 def load_tokenizer(directory: str) -> HFTokenizer:
   """Reads the tokenizer of a Hugging Face checkpoint directory."""
   return HFTokenizer(directory)
@@ -189,6 +231,8 @@ class DataReport:
     kept: pairs written.
     truncated: kept pairs whose prompt or a response was cut.
     truncated_prompt, truncated_response: kept pairs with the prompt cut / a response cut.
+    lost_end_of_turn: kept responses (chosen and rejected counted apart) whose
+      final end-of-turn/EOS token was cut off by response truncation.
     dropped: reason -> count of dropped rows (reasons in :data:`REASONS`).
     row_numbers: reason -> the first :data:`MAX_REPORTED_ROWS` dropped row numbers.
     cached: True when the tokenised set was found on disk and nothing was tokenised.
@@ -200,6 +244,7 @@ class DataReport:
   truncated: int = 0
   truncated_prompt: int = 0
   truncated_response: int = 0
+  lost_end_of_turn: int = 0
   dropped: dict[str, int] = dataclasses.field(default_factory=dict)
   row_numbers: dict[str, list[int]] = dataclasses.field(default_factory=dict)
   cached: bool = False
@@ -221,7 +266,8 @@ class DataReport:
     """One line for a log."""
     dropped = ", ".join(f"{k}={v} (rows {self.row_numbers.get(k, [])})" for k, v in sorted(self.dropped.items()))
     return (f"{self.source}: {self.kept}/{self.rows} pairs kept, {self.truncated} truncated "
-            f"(prompt {self.truncated_prompt}, response {self.truncated_response}); "
+            f"(prompt {self.truncated_prompt}, response {self.truncated_response}; "
+            f"{self.lost_end_of_turn} responses lost their end-of-turn token); "
             f"dropped: {dropped or 'none'}{' [cached]' if self.cached else ''}")
 
 
@@ -244,11 +290,16 @@ def _messages_empty(msgs) -> bool:
 
 
 def _row_texts(record, tok: HFTokenizer):
-  """``(kind, prompt, chosen, rejected)`` texts of one record, or ``(reason, None...)``.
+  """``(kind, prompt, chosen, rejected, prompt_messages)`` of one record, or ``(reason, None...)``.
 
   ``kind`` is "plain" (prompt gets the tokenizer's prefix) or "chat" (texts
-  rendered with the chat template).
+  rendered with the chat template; ``prompt_messages`` for turn-wise truncation).
   """
+  kind, *texts = _row_texts_impl(record, tok)
+  return (kind, *texts) if len(texts) == 4 else (kind, *texts, None)
+
+
+def _row_texts_impl(record, tok: HFTokenizer):
   if isinstance(record, BadRecord):
     return record.reason, None, None, None
   if not isinstance(record, Mapping):
@@ -301,7 +352,7 @@ def _row_texts(record, tok: HFTokenizer):
     raise
   except Exception:  # pylint: disable=broad-except  # a template that fails on this row
     return TEMPLATE_ERROR, None, None, None
-  return "chat", prompt_text, texts[0], texts[1]
+  return "chat", prompt_text, texts[0], texts[1], list(prompt)
 
 
 # ------------------------------------------------------------------------------------------
@@ -343,9 +394,25 @@ class TokenizeOptions:
                        f"got {self.response_truncation!r}.")
 
 
-def _truncate_prompt(ids: list[int], limit: int, bos_id) -> list[int]:
-  keep = 1 if ids and bos_id is not None and ids[0] == bos_id and limit > 1 else 0
+def _truncate_prompt(ids: list[int], limit: int, prefix: Sequence[int]) -> list[int]:
+  """A plain prompt's last tokens, keeping the prefix (BOS) the tokenizer put in front."""
+  keep = len(prefix) if prefix and list(ids[:len(prefix)]) == list(prefix) and limit > len(prefix) else 0
   return ids[:keep] + ids[len(ids) - (limit - keep):]
+
+
+def _truncate_turns(messages: list, limit: int, tokenizer: HFTokenizer) -> list[int] | None:
+  """Ids of the longest suffix of whole turns (system messages kept) whose rendering fits ``limit``.
+
+  Kept histories start at a user message; None when even the last user turn alone is too long.
+  """
+  system = [m for m in messages if m.get("role") == "system"]
+  rest = [m for m in messages if m.get("role") != "system"]
+  starts = [k for k in range(1, len(rest)) if rest[k].get("role") == "user"]
+  for k in starts:
+    ids = tokenizer.encode(tokenizer.apply_chat_template(system + rest[k:], add_generation_prompt=True))
+    if len(ids) <= limit:
+      return ids
+  return None
 
 
 def tokenize_pairs(records: Iterable[tuple[int, Any]], tokenizer: HFTokenizer, options: TokenizeOptions, *,
@@ -362,18 +429,26 @@ def tokenize_pairs(records: Iterable[tuple[int, Any]], tokenizer: HFTokenizer, o
   report = DataReport(source=source)
   cols: dict[str, list] = {k: [] for k in batch_lib.PREFERENCE_KEYS}
   cols["row"] = []
-  pending: list[tuple[int, str, str, str, str]] = []
+  pending: list[tuple[int, str, str, str, str, Any]] = []
+
+  def finish(resp_ids, kind):
+    """A response's ids ending with one end-of-turn token (chat) or EOS (appended if needed)."""
+    if kind == "chat":
+      ended = tokenizer.end_turn(resp_ids)
+      if ended is not None:
+        return ended
+    if options.append_eos and tokenizer.eos_id is not None and not (resp_ids and resp_ids[-1] == tokenizer.eos_id):
+      return list(resp_ids) + [tokenizer.eos_id]
+    return list(resp_ids)
 
   def flush():
-    texts = [t for _, _, p, c, r in pending for t in (p, c, r)]
+    texts = [t for _, _, p, c, r, _ in pending for t in (p, c, r)]
     ids = tokenizer.encode_batch(texts) if texts else []
-    for i, (row, kind, _, _, _) in enumerate(pending):
+    for i, (row, kind, _, _, _, messages) in enumerate(pending):
       p_ids, c_ids, r_ids = ids[3 * i: 3 * i + 3]
       if kind == "plain":
         p_ids = list(tokenizer.prompt_prefix) + list(p_ids)
-      if options.append_eos and tokenizer.eos_id is not None:
-        c_ids = c_ids if c_ids and c_ids[-1] == tokenizer.eos_id else list(c_ids) + [tokenizer.eos_id]
-        r_ids = r_ids if r_ids and r_ids[-1] == tokenizer.eos_id else list(r_ids) + [tokenizer.eos_id]
+      c_ids, r_ids = finish(c_ids, kind), finish(r_ids, kind)
       if not c_ids or not r_ids:
         report.drop(EMPTY_RESPONSE, row)
         continue
@@ -382,7 +457,14 @@ def tokenize_pairs(records: Iterable[tuple[int, Any]], tokenizer: HFTokenizer, o
         if options.prompt_truncation == "drop":
           report.drop(TOO_LONG, row)
           continue
-        p_ids, cut_prompt = _truncate_prompt(p_ids, options.max_prompt_len, tokenizer.bos_id), True
+        if kind == "chat":
+          p_ids = _truncate_turns(messages, options.max_prompt_len, tokenizer)
+          if p_ids is None:
+            report.drop(TOO_LONG, row)
+            continue
+        else:
+          p_ids = _truncate_prompt(p_ids, options.max_prompt_len, tokenizer.prompt_prefix)
+        cut_prompt = True
       room = T - len(p_ids)
       if room < 1:
         report.drop(TOO_LONG, row)
@@ -391,6 +473,7 @@ def tokenize_pairs(records: Iterable[tuple[int, Any]], tokenizer: HFTokenizer, o
         if options.response_truncation == "drop":
           report.drop(TOO_LONG, row)
           continue
+        lost = (len(c_ids) > room) + (len(r_ids) > room)
         c_ids, r_ids, cut_response = c_ids[:room], r_ids[:room], True
       if c_ids == r_ids:
         report.drop(IDENTICAL_AFTER_TRUNCATION, row)
@@ -411,15 +494,16 @@ def tokenize_pairs(records: Iterable[tuple[int, Any]], tokenizer: HFTokenizer, o
       report.truncated += cut_prompt or cut_response
       report.truncated_prompt += cut_prompt
       report.truncated_response += cut_response
+      report.lost_end_of_turn += lost if cut_response else 0
     pending.clear()
 
   for row, record in records:
     report.rows += 1
-    kind, prompt, chosen, rejected = _row_texts(record, tokenizer)
+    kind, prompt, chosen, rejected, messages = _row_texts(record, tokenizer)
     if kind not in ("plain", "chat"):
       report.drop(kind, row)
       continue
-    pending.append((row, kind, prompt, chosen, rejected))
+    pending.append((row, kind, prompt, chosen, rejected, messages))
     if len(pending) >= chunk_size:
       flush()
   flush()
