@@ -10,6 +10,11 @@ from alignjax.losses.aligndistil import (
     aligndistil_loss,
     aligndistil_teacher,
 )
+from alignjax.losses.critical_tokens import (
+    CriticalTokenOutput,
+    cdpo_loss,
+    critical_token_scores,
+)
 from alignjax.losses.kto import (
     KTOOutput,
     kto_kl_estimate,
@@ -49,6 +54,10 @@ from alignjax.losses.reference_free import (
     simpo_loss,
 )
 from alignjax.losses.reward import RewardOutput, bradley_terry_loss
+from alignjax.losses.sparsepo import (
+    SparsePOOutput,
+    sparsepo_loss,
+)
 from alignjax.losses.tdpo import (
     TDPOOutput,
     TDPOStats,
@@ -60,18 +69,22 @@ from alignjax.losses.tdpo import (
 __all__ = [
     "AlignDistilOutput",
     "AlignDistilTeacher",
+    "CriticalTokenOutput",
     "GPO_ALIASES",
     "GPO_FUNCTIONS",
     "KTOOutput",
     "ORPOOutput",
     "PreferenceOutput",
     "RewardOutput",
+    "SparsePOOutput",
     "TDPOOutput",
     "TDPOStats",
     "aligndistil_loss",
     "aligndistil_teacher",
     "bradley_terry_loss",
+    "cdpo_loss",
     "chunked_token_logprobs",
+    "critical_token_scores",
     "dpo_loss",
     "exponential",
     "genarm_loss",
@@ -91,6 +104,7 @@ __all__ = [
     "sequence_logprobs",
     "shift_for_next_token",
     "simpo_loss",
+    "sparsepo_loss",
     "squared",
     "tdpo_loss",
     "tdpo_loss_from_stats",
