@@ -15,6 +15,11 @@ from alignjax.losses.critical_tokens import (
     cdpo_loss,
     critical_token_scores,
 )
+from alignjax.losses.displacement import (
+    EntanglementOutput,
+    ches_scores,
+    gradient_entanglement,
+)
 from alignjax.losses.kto import (
     KTOOutput,
     kto_kl_estimate,
@@ -70,6 +75,7 @@ __all__ = [
     "AlignDistilOutput",
     "AlignDistilTeacher",
     "CriticalTokenOutput",
+    "EntanglementOutput",
     "GPO_ALIASES",
     "GPO_FUNCTIONS",
     "KTOOutput",
@@ -83,6 +89,7 @@ __all__ = [
     "aligndistil_teacher",
     "bradley_terry_loss",
     "cdpo_loss",
+    "ches_scores",
     "chunked_token_logprobs",
     "critical_token_scores",
     "dpo_loss",
@@ -90,6 +97,7 @@ __all__ = [
     "genarm_loss",
     "gpo_function",
     "gpo_loss",
+    "gradient_entanglement",
     "hinge",
     "kto_kl_estimate",
     "kto_loss",
