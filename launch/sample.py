@@ -4,8 +4,10 @@ r"""Sample completions for a file of prompts with ``alignjax.decoding.generate``
       --config.output=completions.jsonl --config.max_new_tokens=64 --config.temperature=0.7
 
 Prompts are JSONL (one a line): a JSON string or ``{"prompt": "..."}`` (needs a tokenizer:
-``--config.tokenizer``, default the model directory), or a list of token ids or
-``{"tokens": [...]}``. Each output line holds ``tokens`` (the completion's ids, up to and
+``--config.tokenizer``, default the model directory), chat messages ``{"messages": [{"role":
+..., "content": ...}, ...]}`` (rendered with the tokenizer's chat template and
+``add_generation_prompt=True``, as transformers' ``apply_chat_template`` does), or a list of
+token ids or ``{"tokens": [...]}``. Each output line holds ``tokens`` (the completion's ids, up to and
 including EOS), ``logprobs`` (per token, under the distribution sampled from),
 ``finished`` (ended with EOS), and ``text`` when a tokenizer is available. Fields: see
 ``configs/sample.py``.
@@ -69,19 +71,33 @@ def _read_prompts(path: str) -> list:
       if isinstance(item, dict):
         if "tokens" in item:
           item = item["tokens"]
+        elif "messages" in item:
+          item = item["messages"]
         elif "prompt" in item:
           item = item["prompt"]
         else:
-          raise UserError(f"{path}:{n}: an object prompt needs a `prompt` or `tokens` key.")
-      if isinstance(item, str):
+          raise UserError(f"{path}:{n}: an object prompt needs a `prompt` or `tokens` key (or chat `messages`).")
+      if isinstance(item, str) or _is_chat(item):
         prompts.append(item)
       elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
         prompts.append(item)
       else:
-        raise UserError(f"{path}:{n}: a prompt must be a string or a non-empty list of token ids.")
+        raise UserError(f"{path}:{n}: a prompt must be a string, chat messages or a non-empty list of token ids.")
   if not prompts:
     raise UserError(f"{path}: no prompts.")
   return prompts
+
+
+def _is_chat(item) -> bool:
+  return isinstance(item, list) and bool(item) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                         for m in item)
+
+
+def _prompt_ids(tokenizer, prompt) -> list:
+  if _is_chat(prompt):  # the chat template's text, then encoded as apply_chat_template(tokenize=True) does
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+  return tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
 
 
 def _load_model(path: str, dtype: str):
@@ -172,9 +188,14 @@ def sample_file(cfg) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from alignjax import decoding  # pylint: disable=import-outside-toplevel
 
-  tokenizer = _load_tokenizer(cfg, needed=any(isinstance(p, str) for p in prompts))
+  if cfg.model and not os.path.exists(cfg.model):
+    raise UserError(f"`config.model` {cfg.model} does not exist.")
+  tokenizer = _load_tokenizer(cfg, needed=any(isinstance(p, str) or _is_chat(p) for p in prompts))
   model = _load_model(cfg.model, cfg.dtype)
-  ids = [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+  try:
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+  except ValueError as e:  # e.g. a tokenizer without a chat template
+    raise UserError(f"could not render the prompts: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
   for n, row in enumerate(ids):
     if not row:
       raise UserError(f"prompt {n} tokenizes to no tokens.")
@@ -213,7 +234,7 @@ def sample_file(cfg) -> dict:
         done = bool(n and eos and int(toks[b, n - 1]) in eos)
         rec = {"index": start + b, "tokens": toks[b, :n].tolist(),
                "logprobs": [float(x) for x in lps[b, :n]], "finished": done}
-        if isinstance(prompts[start + b], str):
+        if isinstance(prompts[start + b], str) or _is_chat(prompts[start + b]):
           rec["prompt"] = prompts[start + b]
         if tokenizer is not None:
           rec["text"] = tokenizer.decode(toks[b, :n].tolist(), skip_special_tokens=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 import jax
@@ -34,6 +35,10 @@ _FLOAT_ST = ("F64", "F32", "F16", "BF16")
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r"(\.attn\.(bias|masked_bias)$)|(rotary_emb\.inv_freq$)")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
+# What `to_hf(..., tokenizer_dir=)` copies: the tokenizer, its chat template, the generation config.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "generation_config.json")
 
 config_from_hf = families.config_from_hf
 config_to_hf = families.config_to_hf
@@ -310,18 +315,28 @@ def from_hf(path, *, dtype=jnp.float32, param_dtype=None, mesh=None,
   return model
 
 
-def to_hf(model: Transformer, out_dir, *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+def to_hf(model: Transformer, out_dir, *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+          tokenizer_dir=None) -> str:
   """Write `model` as a Hugging Face directory: config.json + safetensors, in the param dtype.
 
   Above `max_shard_size` bytes the weights are split into model-0000i-of-0000n.safetensors
   files with a model.safetensors.index.json, as `save_pretrained` does. With several
   processes, every process must call this (parameters are gathered); process 0 writes.
-  Returns `out_dir`.
+  `tokenizer_dir` (a directory holding a Hugging Face tokenizer, e.g. the initial checkpoint)
+  adds its tokenizer files, chat template and generation config (:data:`TOKENIZER_FILES`),
+  so `AutoTokenizer` reads the output too. Returns `out_dir`.
   """
   cfg = getattr(model, "config", None)
   if not isinstance(cfg, ModelConfig):
     raise TypeError(f"to_hf: `model` must be an alignjax Transformer, got {type(model).__name__}.")
   out_dir = os.fspath(out_dir)
+  tokenizer_files = []
+  if tokenizer_dir is not None:
+    tokenizer_dir = os.fspath(tokenizer_dir)
+    tokenizer_files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, f))]
+    if not any(f in tokenizer_files for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+      raise ValueError(f"to_hf: `tokenizer_dir` {tokenizer_dir!r} holds no tokenizer "
+                       "(tokenizer.json, tokenizer.model or vocab.json).")
   reward = isinstance(model, RewardModel)  # a *ForSequenceClassification with one label
   hf_cfg = reward_lib.hf_config(cfg) if reward else config_to_hf(cfg)
   specs = reward_lib.tensor_specs(cfg) if reward else families.tensor_specs(cfg)
@@ -351,6 +366,8 @@ def to_hf(model: Transformer, out_dir, *, max_shard_size: int = DEFAULT_MAX_SHAR
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
       json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    for name in tokenizer_files:
+      shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
   if len(shards) == 1:
     if write:
       _write_safetensors(os.path.join(out_dir, "model.safetensors"), shards[0])
