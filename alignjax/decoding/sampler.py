@@ -50,13 +50,40 @@ class GenerateOutput(NamedTuple):
   mask: jax.Array
   logprobs: jax.Array
   model_logprobs: Optional[jax.Array] = None
+  selector_output: Optional[Any] = None
+
+
+class TokenSelector(NamedTuple):
+  """A token-selection rule that replaces the sampler's own draw at every step.
+
+  Decoding methods that choose tokens by more than the next-token logits (ARGS's
+  reward-guided search, ASAp's grammar-aligned reweighting; see
+  :mod:`alignjax.decoding.reward_guided` and :mod:`alignjax.decoding.grammar_aligned`)
+  plug into :func:`generate` through this hook and keep its prefill, caches, masks,
+  EOS handling and ``while_loop``.
+
+  Attributes:
+    rule: a hashable object (part of the compile key: use a frozen dataclass) with
+      ``init(modules, params, tokens, mask, *, cache_len, max_new_tokens) -> carry``,
+      called once on the left-aligned prompts ``[B, T]``;
+      ``select(modules, params, carry, logits, allowed, *, step, rng, done) ->
+      (tokens [B] int32, logprobs [B] float32, carry)``, called at every step with the
+      (combined) model logits ``[B, V]`` float32, the allowed tokens ``[B, V]`` bool
+      (token masks and DFA), this step's key and the rows already stopped ``[B]``;
+      ``finish(carry) -> pytree``, returned as ``GenerateOutput.selector_output``.
+    modules: nnx modules the rule runs (split like the model: their parameters are traced).
+    params: a pytree of arrays the rule reads (traced: new values never recompile).
+  """
+  rule: Any
+  modules: tuple = ()
+  params: Any = None
 
 
 def generate(model, prompt_tokens, prompt_mask, *, max_new_tokens: int, temperature=0.0,
              top_k=0, top_p=1.0, eos_token_ids=(), pad_token_id: int = 0, rng=None,
              allowed_tokens=None, constraint: Optional[constraints_lib.TokenDFA] = None,
              return_model_logprobs: bool = False, cache_len: Optional[int] = None,
-             mesh=None) -> GenerateOutput:
+             mesh=None, selector: Optional[TokenSelector] = None) -> GenerateOutput:
   """Sample up to ``max_new_tokens`` tokens per prompt row, in one compiled program.
 
   Args:
@@ -85,6 +112,8 @@ def generate(model, prompt_tokens, prompt_mask, *, max_new_tokens: int, temperat
     mesh: optional ``jax.sharding.Mesh`` (axes ``data``, ``fsdp``, ``tensor``); the prompt
       batch is placed with ``alignjax.sharding.batch_sharding(mesh)``. Shard the model's
       parameters beforehand (``from_hf(..., mesh=)`` or ``sharding.shard_model``).
+    selector: a :class:`TokenSelector` that chooses every token in place of the
+      sampler's greedy/temperature/top-k/top-p draw (which are then unused).
 
   Returns:
     :class:`GenerateOutput` with ``tokens``, ``mask``, ``logprobs`` (and ``model_logprobs``).
@@ -162,6 +191,16 @@ def generate(model, prompt_tokens, prompt_mask, *, max_new_tokens: int, temperat
   if p_np is not None and np.any(~((p_np > 0) & (p_np <= 1))):
     raise ValueError(f"{fn}: `top_p` must be in (0, 1] (1 = off), got {p_np}.")
   greedy = t_np is not None and bool(np.all(t_np == 0))
+  if selector is not None:
+    if not isinstance(selector, TokenSelector):
+      raise TypeError(f"{fn}: `selector` must be a TokenSelector or None, got "
+                      f"{type(selector).__name__}.")
+    greedy = True  # one program: the selector draws the tokens
+    sel_splits = [nnx.split(m) for m in selector.modules]
+    sel = (selector.rule, tuple(g for g, _ in sel_splits))
+    sel_args = (tuple(s for _, s in sel_splits), selector.params)
+  else:
+    sel, sel_args = None, (None, None)
 
   eos = np.atleast_1d(np.asarray(eos_token_ids if eos_token_ids is not None else (), dtype=np.int64))
   if eos.ndim != 1:
@@ -222,17 +261,21 @@ def generate(model, prompt_tokens, prompt_mask, *, max_new_tokens: int, temperat
                  eos.astype(np.int32), np.int32(pad_token_id), rng,
                  allowed_tokens, constraint, weights,
                  max_new_tokens=N, cache_len=S, greedy=greedy,
-                 return_model_logprobs=bool(return_model_logprobs), mesh=mesh)
+                 return_model_logprobs=bool(return_model_logprobs), mesh=mesh,
+                 selector=sel, selector_args=sel_args)
   return GenerateOutput(*out)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "max_new_tokens", "cache_len", "greedy",
-                                               "return_model_logprobs", "mesh"))
+                                               "return_model_logprobs", "mesh", "selector"))
 def _program(graphdefs, states, tokens, mask, temperature, top_k, top_p, eos_ids, pad_id, rng,
              allowed, dfa, weights, *, max_new_tokens, cache_len, greedy, return_model_logprobs,
-             mesh=None):
+             mesh=None, selector=None, selector_args=(None, None)):
   """The whole generation as one XLA program (see the module docstring)."""
   models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
+  if selector is not None:
+    rule, sel_params = selector[0], selector_args[1]
+    sel_modules = [nnx.merge(g, s) for g, s in zip(selector[1], selector_args[0])]
   B, T = tokens.shape
   N = max_new_tokens
 
@@ -252,7 +295,7 @@ def _program(graphdefs, states, tokens, mask, temperature, top_k, top_p, eos_ids
     V = z.shape[-1]
   eos_onehot = jnp.zeros((V,), bool).at[eos_ids].set(True) if eos_ids.shape[0] else jnp.zeros((V,), bool)
 
-  def choose(logits_list, step, done, dfa_state):
+  def choose(logits_list, step, done, dfa_state, sel_carry=None):
     if weights is None:
       z = logits_list[0].astype(jnp.float32)
     else:
@@ -261,7 +304,10 @@ def _program(graphdefs, states, tokens, mask, temperature, top_k, top_p, eos_ids
     if dfa is not None:
       allowed_t = allowed_t & constraints_lib.dfa_allowed(dfa, dfa_state, eos_onehot)
     masked = jnp.where(allowed_t, z, processors.NEG_INF) if (allowed is not None or dfa is not None) else z
-    if greedy:
+    if selector is not None:
+      tok, lp, sel_carry = rule.select(sel_modules, sel_params, sel_carry, z, allowed_t, step=step,
+                                       rng=jax.random.fold_in(rng, step), done=done)
+    elif greedy:
       tok, lp = processors.greedy_tokens(masked)
     else:
       tok, lp = processors.sample_tokens(jax.random.fold_in(rng, step), masked,
@@ -279,7 +325,7 @@ def _program(graphdefs, states, tokens, mask, temperature, top_k, top_p, eos_ids
       mlp = None
     if dfa is not None:
       dfa_state = jnp.where(emit, constraints_lib.dfa_step(dfa, dfa_state, tok), dfa_state)
-    return out_tok, emit, out_lp, mlp, new_done, dfa_state
+    return out_tok, emit, out_lp, mlp, new_done, (dfa_state, sel_carry)
 
   def write(buffers, step, tok, emit, lp, mlp):
     out = [lax.dynamic_update_slice(buffers[0], tok[:, None], (0, step)),
@@ -294,7 +340,10 @@ def _program(graphdefs, states, tokens, mask, temperature, top_k, top_p, eos_ids
     buffers = buffers + (jnp.zeros((B, N), jnp.float32),)
   done = jnp.zeros((B,), bool)
   dfa_state = dfa.start if dfa is not None else jnp.zeros((B,), jnp.int32)
-  tok, emit, lp, mlp, done, dfa_state = choose(logits_list, 0, done, dfa_state)
+  sel_carry = None
+  if selector is not None:
+    sel_carry = rule.init(sel_modules, sel_params, tokens, mask, cache_len=cache_len, max_new_tokens=N)
+  tok, emit, lp, mlp, done, dfa_state = choose(logits_list, 0, done, dfa_state, sel_carry)
   buffers = write(buffers, 0, tok, emit, lp, mlp)
 
   def cond(carry):
@@ -302,21 +351,22 @@ def _program(graphdefs, states, tokens, mask, temperature, top_k, top_p, eos_ids
     return (step < N) & ~jnp.all(done)
 
   def body(carry):
-    step, caches, last, done, dfa_state, buffers = carry
+    step, caches, last, done, (dfa_state, sel_carry), buffers = carry
     new_caches, logits_list = [], []
     ones = jnp.ones((B, 1), bool)
     for m, cache in zip(models, caches):
       hidden, cache = m(last[:, None], attention_mask=ones, cache=cache, return_hidden=True)
       logits_list.append(m.unembed(hidden[:, 0]))
       new_caches.append(cache)
-    tok, emit, lp, mlp, done, dfa_state = choose(logits_list, step, done, dfa_state)
+    tok, emit, lp, mlp, done, dfa_state = choose(logits_list, step, done, dfa_state, sel_carry)
     buffers = write(buffers, step, tok, emit, lp, mlp)
     return step + 1, tuple(new_caches), tok, done, dfa_state, buffers
 
   carry = (jnp.asarray(1, jnp.int32), tuple(caches), tok, done, dfa_state, buffers)
   carry = lax.while_loop(cond, body, carry)
   buffers = carry[-1]
-  return buffers if return_model_logprobs else buffers + (None,)
+  buffers = buffers if return_model_logprobs else buffers + (None,)
+  return buffers + ((rule.finish(carry[-2][1]),) if selector is not None else (None,))
 
 
 def _constrain_cache(cache, mesh):
