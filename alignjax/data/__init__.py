@@ -9,12 +9,29 @@
   :mod:`alignjax.data.reviews`: generated tasks.
 """
 
-from alignjax.data.files import PreferenceFileConfig, load_preference_file, read_records
-from alignjax.data.pipeline import make_iterator, sharded_batches
-from alignjax.data.synthetic import SortingTask, preference_batches, to_arrays
-from alignjax.data.tfds_sorting import SortingPreferences, sorting_preferences
-from alignjax.data.tokenize import DataError, DataReport, HFTokenizer, TokenizeOptions, load_tokenizer, tokenize_pairs
+import importlib
 
-__all__ = ["DataError", "DataReport", "HFTokenizer", "PreferenceFileConfig", "SortingPreferences", "SortingTask",
-           "TokenizeOptions", "load_preference_file", "load_tokenizer", "make_iterator", "preference_batches",
-           "read_records", "sharded_batches", "sorting_preferences", "to_arrays", "tokenize_pairs"]
+# Imported on first use: ``alignjax.data.batch`` (imported by every training step) must not
+# pull in TFDS and grain (seconds of start-up; absent on accelerator images).
+_EXPORTS = {
+    "files": ("PreferenceFileConfig", "load_preference_file", "read_records"),
+    "pipeline": ("make_iterator", "sharded_batches"),
+    "synthetic": ("SortingTask", "preference_batches", "to_arrays"),
+    "tfds_sorting": ("SortingPreferences", "sorting_preferences"),
+    "tokenize": ("DataError", "DataReport", "HFTokenizer", "TokenizeOptions", "load_tokenizer", "tokenize_pairs"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+_SUBMODULES = ("arrays_tfds", "batch", "files", "pipeline", "real_assets", "reviews", "synthetic", "tfds_sorting",
+               "tokenize")
+
+
+def __getattr__(name):
+  if name in _WHERE:
+    return getattr(importlib.import_module(f"alignjax.data.{_WHERE[name]}"), name)
+  if name in _SUBMODULES:
+    return importlib.import_module(f"alignjax.data.{name}")
+  raise AttributeError(f"module 'alignjax.data' has no attribute {name!r}")
