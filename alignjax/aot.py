@@ -192,8 +192,6 @@ def get_topology(name: str, *, num_slices: int = 1, backend: str = "auto") -> To
 
 
 # ---------------------------------------------------------------- experiment
-ALGORITHM_REFERENCES = {"tdpo1": "online", "tdpo2": "online", "aligndistil": "teachers",
-                        "sft": "none"}
 REFERENCE_MODES = ("online", "precomputed", "free")
 
 
@@ -202,7 +200,7 @@ class Experiment:
   """What to plan: an algorithm, a model architecture (no weights) and batch shapes.
 
   Attributes:
-    algorithm: a loss name of ``alignjax.training.objectives.OBJECTIVES``.
+    algorithm: a name of the algorithm registry (``alignjax.training.algorithms.names()``).
     model: a preset name of ``alignjax.models.presets.PRESET_NAMES`` or a ModelConfig.
     hf_config: path to an HF ``config.json`` (or its directory); overrides ``model``.
     batch_size: global batch of preference pairs per step.
@@ -234,9 +232,9 @@ class Experiment:
   learning_rate: float = 1e-6
 
   def __post_init__(self):
-    from alignjax.training import objectives  # noqa: PLC0415
-    if self.algorithm not in objectives.OBJECTIVES:
-      raise ValueError(f"Experiment: unknown `algorithm` {self.algorithm!r}; expected one of {sorted(objectives.OBJECTIVES)}.")
+    from alignjax.training import algorithms  # noqa: PLC0415
+    if self.algorithm not in algorithms.names():
+      raise ValueError(f"Experiment: unknown `algorithm` {self.algorithm!r}; expected one of {list(algorithms.names())}.")
     for f in ("batch_size", "prompt_len", "response_len", "grad_accum", "chunk_size"):
       v = getattr(self, f)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -251,8 +249,16 @@ class Experiment:
     return self.prompt_len + self.response_len
 
   @property
+  def algorithm_spec(self):
+    """The registry's :class:`alignjax.training.algorithms.Algorithm`."""
+    from alignjax.training import algorithms  # noqa: PLC0415
+    return algorithms.get(self.algorithm)
+
+  @property
   def reference_mode(self) -> str:
-    return ALGORITHM_REFERENCES.get(self.algorithm, self.reference)
+    """What the algorithm needs decides: full distributions -> online; its own frozen models -> teachers."""
+    needs = self.algorithm_spec.needs
+    return {"reference_logits": "online", "teachers": "teachers", "none": "none"}.get(needs, self.reference)
 
   def model_config(self, remat: Optional[str] = None):
     """The ModelConfig (compute/param dtypes from the experiment, remat overridden)."""
@@ -392,18 +398,13 @@ def mesh_factorisations(n: int, *, max_tensor: Optional[int] = None, tensor_divi
 
 
 def _abstract_batch(experiment: Experiment, reference_mode: str):
+  """The algorithm's batch schema as abstract arrays (global batch)."""
   from alignjax.data import batch as batch_lib  # noqa: PLC0415
-  B, T = experiment.batch_size, experiment.seq_len
-  batch = {}
-  for side in batch_lib.SIDES:
-    batch[batch_lib.key(side, "tokens")] = jax.ShapeDtypeStruct((B, T), jnp.int32)
-    batch[batch_lib.key(side, "attention")] = jax.ShapeDtypeStruct((B, T), jnp.int32)
-    batch[batch_lib.key(side, "response")] = jax.ShapeDtypeStruct((B, T), jnp.int32)
-  if reference_mode == "precomputed":
-    from alignjax.training import reference as reference_lib  # noqa: PLC0415
-    for k in reference_lib.REFERENCE_KEYS:
-      batch[k] = jax.ShapeDtypeStruct((B,), jnp.float32)
-  return batch
+  algo = experiment.algorithm_spec
+  schema = algo.batch_schema or batch_lib.PAIRED
+  sides = schema.sides + ((batch_lib.KL_SIDE,) if algo.kl_rows else ())
+  return batch_lib.abstract_batch(schema, experiment.batch_size, experiment.seq_len, sides=sides,
+                                  reference=reference_mode == "precomputed")
 
 
 def make_optimizer(experiment: Experiment):
@@ -463,23 +464,23 @@ def build_step(experiment: Experiment, topology: Topology, mesh: Sequence[int], 
   ``make_step=False`` builds only the abstract arguments (``Built.step`` is None).
   """
   from alignjax import sharding as sharding_lib  # noqa: PLC0415
-  from alignjax.training import objectives, reference as reference_lib, steps  # noqa: PLC0415
+  from alignjax.training import algorithms, reference as reference_lib, steps  # noqa: PLC0415
 
   mesh = check_mesh(mesh, topology, experiment)
   cfg = experiment.model_config(remat)
   dm = sharding_lib.make_mesh(*mesh, devices=list(topology.devices))
   model = abstract_model(cfg)
   tx = make_optimizer(experiment)
-  loss_cfg = objectives.LossConfig(name=experiment.algorithm)
+  loss = algorithms.loss(experiment.algorithm)
   mode = experiment.reference_mode
   frozen_cfg = dataclasses.replace(cfg, param_dtype=experiment.frozen_dtype)
   if mode in ("online", "teachers"):
-    names = ("reference",) if mode == "online" else ("dpo", "contrast")
+    names = ("reference",) if mode == "online" else experiment.algorithm_spec.frozen
     fmodel = abstract_model(frozen_cfg)
     if mode == "online":
       ref, frozen = reference_lib.online(fmodel)
     else:
-      ref, frozen = reference_lib.teachers(dpo=fmodel, contrast=fmodel)
+      ref, frozen = reference_lib.teachers(**{n: fmodel for n in names})
     fsh = steps.state_shardings(fmodel, tx, dm).params
     ref = dataclasses.replace(ref, shardings={n: fsh for n in names})
     frozen = {n: _with_sharding(frozen[n], fsh) for n in names}
@@ -489,7 +490,7 @@ def build_step(experiment: Experiment, topology: Topology, mesh: Sequence[int], 
                    "none": reference_lib.none}[mode]()
   step = None
   if make_step:
-    step = steps.make_train_step(model, tx, loss_cfg, ref, mesh=dm, grad_accum=experiment.grad_accum,
+    step = steps.make_train_step(model, tx, loss, ref, mesh=dm, grad_accum=experiment.grad_accum,
                                  max_grad_norm=experiment.max_grad_norm,
                                  compute_dtype=jnp.dtype(experiment.dtype), chunk_size=experiment.chunk_size)
   sh = steps.state_shardings(model, tx, dm)
@@ -509,12 +510,11 @@ def _cost(compiled) -> dict:
 def formula_flops(experiment: Experiment, num_params: int, num_frozen: int) -> float:
   """(6 + 2·frozen)·N·T: forward+backward of the policy, a forward per frozen model.
 
-  T counts chosen and rejected tokens, 2·B·(prompt+response); attention FLOPs and
-  rematerialised forwards are not in the formula (Kaplan et al. 2020, arXiv:2001.08361).
+  T counts the tokens of every row the algorithm scores (chosen and rejected:
+  2·B·(prompt+response)); attention FLOPs and rematerialised forwards are not in
+  the formula (Kaplan et al. 2020, arXiv:2001.08361).
   """
-  T = 2 * experiment.batch_size * experiment.seq_len
-  if experiment.algorithm == "sft":
-    T //= 2
+  T = experiment.batch_size * experiment.algorithm_spec.tokens_per_example(experiment.seq_len)
   return (6 + 2 * num_frozen) * num_params * T
 
 

@@ -94,7 +94,7 @@ def run_alignjax():
   from flax import nnx
 
   from alignjax.models import Transformer
-  from alignjax.training import objectives, reference, steps
+  from alignjax.training import algorithms, reference, steps
   baseline = _rss_mb()
   cfg = _config()
   pairs, prompt, response = _shape()
@@ -103,7 +103,7 @@ def run_alignjax():
   tx = optax.adamw(LR)
   ref, frozen = reference.online(ref_model)
   del ref_model
-  step = steps.make_train_step(policy, tx, objectives.LossConfig(name="dpo", beta=BETA), ref,
+  step = steps.make_train_step(policy, tx, algorithms.loss("dpo", beta=BETA), ref,
                                max_grad_norm=CLIP, chunk_size=_CHUNK.value)
   state = steps.init_state(policy, tx)
   del policy

@@ -40,7 +40,7 @@ from absl import app, flags  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "llama3_8b", "Model preset (alignjax.models.presets.PRESET_NAMES).")
 _HF_CONFIG = flags.DEFINE_string("hf_config", None, "Path to an HF config.json (or its directory); overrides --model.")
-_ALGORITHM = flags.DEFINE_string("algorithm", "dpo", "Loss name (alignjax.training.objectives.OBJECTIVES).")
+_ALGORITHM = flags.DEFINE_string("algorithm", "dpo", "Algorithm name (alignjax.training.algorithms.names()).")
 _REFERENCE = flags.DEFINE_enum("reference", "online", ["online", "precomputed", "free"],
                                "DPO-family reference mode (TDPO: online; AlignDistil: two teachers).")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v4:2x2x2, v5e:16x16, v5p:4x4x4, v6e:8x8.")

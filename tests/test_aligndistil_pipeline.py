@@ -229,18 +229,18 @@ def test_aligndistil_objective_distils_chosen_only_and_scales_student_on_policy(
   trainer); on-policy they are divided by the temperature first (their on-policy
   trainer). Rejected rows are never read: replacing them leaves the loss unchanged.
   """
-  from alignjax.training import objectives, reference
+  from alignjax.training import algorithms, reference
   from tests import numpy_reference as ref_np
   from tests.test_steps import make_batch, plain_logits, tiny_model
 
   student, dpo, contrast = tiny_model(30), tiny_model(31), tiny_model(32)
   batch = make_batch(np.random.default_rng(1), B=3, T=9)
-  cfg = objectives.LossConfig(name="aligndistil", beta=0.3, beta2=2.0, temperature=1.7, on_policy=on_policy)
+  cfg = algorithms.loss("aligndistil", beta=0.3, beta2=2.0, temperature=1.7, on_policy=on_policy)
   spec = reference.teachers(dpo=dpo, contrast=contrast)[0]
 
   @jax.jit
   def loss(b):
-    out = cfg.objective.fn(cfg, objectives.Context(student, {"dpo": dpo, "contrast": contrast}, spec, 4), b)
+    out = cfg.objective.fn(cfg, algorithms.Context(student, {"dpo": dpo, "contrast": contrast}, spec, 4), b)
     return out.losses, out.metrics["distil/seq_kl_dpo"]
 
   got, kl = loss(batch)

@@ -154,7 +154,7 @@ def test_compiled_step_is_the_training_step():
   """The planner's step lowers to the same HLO as the step training builds from a real model."""
   from alignjax import sharding as sharding_lib
   from alignjax.data import batch as batch_lib
-  from alignjax.training import objectives, reference as reference_lib, steps
+  from alignjax.training import algorithms, reference as reference_lib, steps
 
   cpu = aot.get_topology("v5e:2x2", backend="cpu")
   exp = _exp(batch_size=4)
@@ -170,7 +170,7 @@ def test_compiled_step_is_the_training_step():
   ref_model = Transformer(dataclasses.replace(cfg, param_dtype="float32"), rngs=nnx.Rngs(1))
   tx = aot.make_optimizer(exp)
   ref, frozen = reference_lib.online(ref_model, mesh=mesh)
-  step = steps.make_train_step(policy, tx, objectives.LossConfig(name="dpo"), ref, mesh=mesh,
+  step = steps.make_train_step(policy, tx, algorithms.loss("dpo"), ref, mesh=mesh,
                                max_grad_norm=exp.max_grad_norm, compute_dtype=jnp.float32,
                                chunk_size=exp.chunk_size)
   state = steps.init_state(policy, tx, mesh=mesh)

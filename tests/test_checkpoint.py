@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from alignjax.checkpoint import Checkpointer as LegacyCheckpointer
 import optax
 
 from alignjax.models import ModelConfig, Transformer
@@ -44,10 +43,6 @@ def _save_steps(directory, steps, max_to_keep=5):
     ckpt.save(s, saved[s])
   ckpt.close()
   return saved
-
-
-def test_legacy_import_path_is_the_same_class():
-  assert LegacyCheckpointer is Checkpointer
 
 
 def test_roundtrip_and_partial_save_is_ignored(tmp_path):

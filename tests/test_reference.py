@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from alignjax.training import objectives, reference, steps
+from alignjax.training import algorithms, reference, steps
 from tests.test_steps import assert_params_close, make_batch, numpy_loss, numpy_seq_logps, tiny_model
 
 
@@ -34,7 +34,7 @@ def test_precomputed_matches_online_and_numpy(models, tmp_path):
       np.testing.assert_allclose(stored[f"reference_{side}_mean_logps"][indices],
                                  numpy_seq_logps(ref_model, batch, side, average=True), rtol=1e-5, atol=1e-5)
 
-  cfg = objectives.LossConfig(name="dpo", beta=0.5)
+  cfg = algorithms.loss("dpo", beta=0.5)
   tx = optax.adam(1e-2)
   online_ref, frozen = reference.online(ref_model)
   pre_ref, _ = reference.precomputed()
@@ -53,7 +53,7 @@ def test_average_log_prob_reads_mean_logps(models, tmp_path):
   batch = make_batch(np.random.default_rng(1), B=4)
   idx = np.arange(4)
   store = reference.precompute(ref_model, [(idx, batch)], str(tmp_path / "r"), num_examples=4)
-  cfg = objectives.LossConfig(name="ipo", beta=0.5, average_log_prob=True)
+  cfg = algorithms.loss("ipo", beta=0.5, average_log_prob=True)
   evaluate = steps.make_eval_step(policy, cfg, reference.precomputed()[0])
   params = steps.init_state(policy, optax.sgd(0.1)).params
   got = float(evaluate(params, reference.attach(batch, store, idx), {})["loss"])
@@ -66,7 +66,7 @@ def test_average_log_prob_reads_mean_logps(models, tmp_path):
 def test_reference_free_dpo_matches_numpy(models):
   policy, _ = models
   batch = make_batch(np.random.default_rng(2))
-  cfg = objectives.LossConfig(name="dpo", beta=0.05)
+  cfg = algorithms.loss("dpo", beta=0.05)
   evaluate = steps.make_eval_step(policy, cfg, reference.free()[0])
   params = steps.init_state(policy, optax.sgd(0.1)).params
   got = float(evaluate(params, batch, {})["loss"])
@@ -84,5 +84,5 @@ def test_errors(models, tmp_path):
   with pytest.raises(ValueError, match="mode"):
     reference.Reference("offline")
   with pytest.raises(ValueError, match="needs batch keys"):
-    steps.make_eval_step(policy, objectives.LossConfig(), reference.precomputed()[0])(
+    steps.make_eval_step(policy, algorithms.loss("dpo"), reference.precomputed()[0])(
         steps.init_state(policy, optax.sgd(0.1)).params, batch, {})

@@ -191,14 +191,15 @@ class _Inject:
 def _inject_nan(monkeypatch, at_step):
   import dataclasses
   import alignjax.data as data
-  from alignjax.training import objectives
-  real_batches, real = data.preference_batches, objectives.OBJECTIVES["dpo"]
+  from alignjax.training import algorithms
+  from alignjax.training.algorithms import base
+  real_batches, real = data.preference_batches, algorithms.get("dpo")
   monkeypatch.setattr(data, "preference_batches", lambda *a, **k: _Inject(real_batches(*a, **k), at_step))
 
-  def fn(cfg, ctx, batch):
-    out = real.fn(cfg, ctx, {k: v for k, v in batch.items() if k != "inject"})
+  def fn(hp, ctx, batch):
+    out = real.objective(hp, ctx, {k: v for k, v in batch.items() if k != "inject"})
     return out._replace(losses=out.losses + batch.get("inject", 0.0))
-  monkeypatch.setitem(objectives.OBJECTIVES, "dpo", dataclasses.replace(real, fn=fn))
+  monkeypatch.setitem(base._REGISTRY, "dpo", dataclasses.replace(real, objective=fn))
 
 
 # Row 4: NaN between log steps (checkpoint_every < log_every) -> stop, nothing non-finite saved.
@@ -242,7 +243,7 @@ def test_divergence_exits_nonzero(tmp_path):
     ("loss.alpha", -5, "config.loss.alpha must be a finite number >= 0"),
     ("dpo.learning_rate", -1e-3, "config.dpo.learning_rate must be a finite number > 0"),
     ("max_checkpoints", 0, "config.max_checkpoints must be >= 1"),
-    ("loss.name", "dpoo", "valid loss names: dpo, "),
+    ("loss.name", "dpoo", "unknown loss 'dpoo'; valid loss names: aligndistil, dpo, "),
     ("batch_size", 0, "config.batch_size must be positive"),
 ])
 def test_invalid_config_field_is_one_line(field, value, message):

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from alignjax.models import ModelConfig, Transformer
-from alignjax.training import objectives, reference, steps
+from alignjax.training import algorithms, reference, steps
 from tests import numpy_reference as ref_np
 
 VOCAB = 48
@@ -109,7 +109,7 @@ def models():
 def test_step_loss_matches_numpy_reference(models, name):
   policy, ref_model = models
   batch = make_batch(np.random.default_rng(1))
-  cfg = objectives.LossConfig(name=name, beta=0.5)
+  cfg = algorithms.loss(name, beta=0.5)
   ref, frozen = reference.online(ref_model)
   tx = optax.adam(1e-3)
   step = steps.make_train_step(policy, tx, cfg, ref, chunk_size=4)
@@ -144,7 +144,7 @@ def test_dpo_sgd_update_matches_plain_jax_grad(models):
   expected = jax.tree.map(lambda p, g: p - lr * g, params, grads)
   tx = optax.sgd(lr)
   ref, frozen = reference.online(ref_model)
-  step = steps.make_train_step(policy, tx, objectives.LossConfig(name="dpo", beta=beta), ref, chunk_size=5)
+  step = steps.make_train_step(policy, tx, algorithms.loss("dpo", beta=beta), ref, chunk_size=5)
   state, metrics = step(steps.init_state(policy, tx), batch, frozen)
   np.testing.assert_allclose(float(metrics["loss"]), numpy_loss("dpo", policy, ref_model, batch, beta=beta),
                              rtol=2e-5, atol=2e-6)
@@ -155,7 +155,7 @@ def test_dpo_sgd_update_matches_plain_jax_grad(models):
 def test_grad_accumulation_equals_one_big_batch(models, name):
   policy, ref_model = models
   batch = make_batch(np.random.default_rng(3), B=8)
-  cfg = objectives.LossConfig(name=name)
+  cfg = algorithms.loss(name)
   ref, frozen = reference.online(ref_model) if name != "sft" else reference.none()
   tx = optax.adamw(1e-2, eps=1e-4, weight_decay=0.01)
   results = []
@@ -179,7 +179,7 @@ def test_skip_nonfinite_keeps_params_and_counts(models):
   batch = make_batch(rng)
   ref, _ = reference.precomputed()
   tx = optax.adam(1e-2)
-  step = steps.make_train_step(policy, tx, objectives.LossConfig(name="dpo"), ref, skip_nonfinite=True)
+  step = steps.make_train_step(policy, tx, algorithms.loss("dpo"), ref, skip_nonfinite=True)
   state = steps.init_state(policy, tx)
   before = leaves(state.params)
   bad = dict(batch, reference_chosen_logps=np.array([0.0, np.nan, 0.0, 0.0], np.float32),
@@ -200,7 +200,7 @@ def test_bf16_compute_keeps_float32_master_weights(models):
   batch = make_batch(np.random.default_rng(5))
   ref, frozen = reference.online(ref_model)
   tx = optax.adam(1e-3)
-  cfg = objectives.LossConfig(name="dpo", beta=0.5)
+  cfg = algorithms.loss("dpo", beta=0.5)
   step = steps.make_train_step(policy, tx, cfg, ref, compute_dtype=jnp.bfloat16)
   state, metrics = step(steps.init_state(policy, tx), batch, frozen)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
@@ -213,7 +213,7 @@ def test_eval_step_matches_numpy_and_does_not_update(models):
   policy, ref_model = models
   batch = make_batch(np.random.default_rng(6))
   ref, frozen = reference.online(ref_model)
-  cfg = objectives.LossConfig(name="dpo", beta=0.2, label_smoothing=0.1)
+  cfg = algorithms.loss("dpo", beta=0.2, label_smoothing=0.1)
   evaluate = steps.make_eval_step(policy, cfg, ref)
   params = nnx.split(policy, nnx.Param, ...)[1]
   metrics = evaluate(params, batch, frozen)
@@ -228,7 +228,7 @@ def unsharded_run():
   """Two unsharded DPO steps (grad accumulation 2, clipping): the baseline for every mesh."""
   policy, ref_model = tiny_model(3), tiny_model(4)
   batch = make_batch(np.random.default_rng(7), B=8)
-  cfg = objectives.LossConfig(name="dpo", beta=0.5)
+  cfg = algorithms.loss("dpo", beta=0.5)
   # eps keeps Adam from amplifying float32 rounding of near-zero gradient entries.
   tx = optax.adam(1e-2, eps=1e-3)
   ref, frozen = reference.online(ref_model)
@@ -261,7 +261,7 @@ def test_abstract_state_lowers_for_aot(models):
   policy, ref_model = models
   tx = optax.adam(1e-3)
   ref, frozen = reference.online(ref_model)
-  step = steps.make_train_step(policy, tx, objectives.LossConfig(name="dpo"), ref)
+  step = steps.make_train_step(policy, tx, algorithms.loss("dpo"), ref)
   batch = make_batch(np.random.default_rng(8))
   spec = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), t)
   lowered = step.lower(steps.abstract_state(policy, tx), spec(batch), spec(frozen))
@@ -273,13 +273,13 @@ def test_bad_arguments_raise_one_line_errors(models):
   tx = optax.adam(1e-3)
   ref, frozen = reference.online(ref_model)
   with pytest.raises(ValueError, match="grad_accum"):
-    steps.make_train_step(policy, tx, objectives.LossConfig(), ref, grad_accum=0)
+    steps.make_train_step(policy, tx, algorithms.loss("dpo"), ref, grad_accum=0)
   with pytest.raises(ValueError, match="tdpo2"):
-    steps.make_train_step(policy, tx, objectives.LossConfig(name="tdpo2"), reference.precomputed()[0])
+    steps.make_train_step(policy, tx, algorithms.loss("tdpo2"), reference.precomputed()[0])
   with pytest.raises(ValueError, match="ipo"):
-    steps.make_train_step(policy, tx, objectives.LossConfig(name="ipo"), reference.none()[0])
-  with pytest.raises(TypeError, match="loss_cfg"):
+    steps.make_train_step(policy, tx, algorithms.loss("ipo"), reference.none()[0])
+  with pytest.raises(TypeError, match="`loss`"):
     steps.make_train_step(policy, tx, {"name": "dpo"}, ref)
-  step = steps.make_train_step(policy, tx, objectives.LossConfig(), ref, grad_accum=3)
+  step = steps.make_train_step(policy, tx, algorithms.loss("dpo"), ref, grad_accum=3)
   with pytest.raises(ValueError, match="divisible by `grad_accum`"):
     step(steps.init_state(policy, tx), make_batch(np.random.default_rng(9)), frozen)

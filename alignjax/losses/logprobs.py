@@ -13,6 +13,8 @@ Conventions used throughout :mod:`alignjax.losses`:
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple, Optional, Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -148,18 +150,122 @@ def sequence_kl(p_logits, q_logits, mask, *, average: bool = False) -> Array:
   return masked_mean(kl, mask) if average else masked_sum(kl, mask)
 
 
-def _chunk_stats(unembed, hidden_chunk, labels_chunk, with_entropy: bool):
-  """Label log-prob (and entropy) of one ``[B, C, D]`` chunk; logits live only here."""
-  logits = _f32(unembed(hidden_chunk))
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  safe = jnp.where(labels_chunk < 0, 0, labels_chunk)
-  picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-  logp = picked - lse
-  if not with_entropy:
-    return logp, None
-  probs = jnp.exp(logits - lse[..., None])
-  entropy = lse - jnp.sum(probs * logits, axis=-1)
-  return logp, entropy
+class TokenStats(NamedTuple):
+  """Per-position statistics ``[B, T]`` float32 of :func:`chunked_token_stats` (None: not asked for).
+
+  Attributes:
+    logprobs: ``log pi(labels)``.
+    reference_logprobs: ``log pi_ref(labels)`` (stop-gradient).
+    kl: ``KL(pi_ref || pi)`` over the vocabulary at each position (the TDPO
+      direction; gradients flow to ``pi`` only).
+    entropy: entropy of ``pi`` in nats.
+  """
+  logprobs: Array
+  reference_logprobs: Optional[Array] = None
+  kl: Optional[Array] = None
+  entropy: Optional[Array] = None
+
+
+def chunked_scan(fn: Callable, arrays: Sequence[Array], *, chunk_size: int):
+  """``fn`` over chunks of positions of ``[N, T, ...]`` arrays, in a ``lax.scan`` under ``jax.checkpoint``.
+
+  The ONE chunking loop of alignjax: ``T`` is cut into ``K = ceil(T / C)``
+  chunks of ``C = min(chunk_size, T)`` positions (the last zero-padded);
+  ``fn(*chunks)`` sees ``[N, C, ...]`` slices and whatever it builds inside
+  (``[N, C, V]`` logits) lives only there: the backward pass recomputes it
+  chunk by chunk. Returns ``fn``'s outputs stacked over chunks (leaves
+  ``[K, ...]``); :func:`chunked_map` unstacks per-position outputs.
+  """
+  arrays = [jnp.asarray(a) for a in arrays]
+  n, length = arrays[0].shape[:2]
+  chunk = max(1, min(chunk_size, length))
+  k = -(-length // chunk) if length else 1
+  pad = k * chunk - length
+
+  def chunks(x):
+    if pad:
+      x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    return x.reshape((n, k, chunk) + x.shape[2:]).swapaxes(0, 1)
+
+  body = jax.checkpoint(fn)
+  _, out = jax.lax.scan(lambda carry, xs: (carry, body(*xs)), None, tuple(chunks(a) for a in arrays))
+  return out
+
+
+def chunked_map(fn: Callable, arrays: Sequence[Array], *, chunk_size: int):
+  """:func:`chunked_scan` of a per-position ``fn`` (outputs ``[N, C, ...]``), unstacked to ``[N, T, ...]``."""
+  n, length = jnp.shape(arrays[0])[:2]
+  out = chunked_scan(fn, arrays, chunk_size=chunk_size)
+
+  def unchunk(x):
+    if x is None:
+      return None
+    k, _, c = x.shape[:3]
+    return x.swapaxes(0, 1).reshape((n, k * c) + x.shape[3:])[:, :length]
+  return jax.tree.map(unchunk, out)
+
+
+def chunked_token_stats(hidden, labels, unembed, *, chunk_size: int, reference_hidden=None,
+                        reference_unembed=None, return_entropy: bool = False) -> TokenStats:
+  """Label log-probs (and a frozen model's log-probs, per-token KL, entropy), chunked over T.
+
+  Equivalent to computing full float32 logits ``unembed(hidden)`` (and
+  ``reference_unembed(reference_hidden)``) and reducing them per position, but
+  never holding ``[B, T, V]``: see :func:`chunked_scan`. With a reference, the
+  per-token ``KL(pi_ref || pi)`` is TDPO's sequential-KL term (Zeng et al.
+  2024, "Token-level Direct Preference Optimization", arXiv:2404.11999, Eq. 6);
+  the reference side is stop-gradient.
+
+  Args:
+    hidden: ``[B, T, D]`` final-normed hidden states; ``hidden[:, t]`` scores ``labels[:, t]``.
+    labels: ``[B, T]`` integer ids (negative ids are scored as id 0; mask them downstream).
+    unembed: ``[..., C, D] -> [..., C, V]`` logits (e.g. ``model.unembed``).
+    chunk_size: positions per chunk (> 0).
+    reference_hidden, reference_unembed: the frozen model's, or None.
+    return_entropy: also the entropy of ``pi``.
+
+  Returns:
+    :class:`TokenStats` of ``[B, T]`` float32 arrays.
+  """
+  fn = "chunked_token_stats"
+  _checks.check_rank(fn, "hidden", hidden, 3, "[B, T, D]")
+  _checks.check_rank(fn, "labels", labels, 2, "[B, T]")
+  _checks.check_integer(fn, "labels", labels)
+  if _checks.shape_of(hidden)[:2] != _checks.shape_of(labels):
+    raise ValueError(
+        f"{fn}: `hidden` {_checks.shape_of(hidden)} and `labels` {_checks.shape_of(labels)} "
+        "disagree on [B, T]; hidden[:, t] must score labels[:, t]."
+    )
+  if not callable(unembed):
+    raise TypeError(f"{fn}: `unembed` must be a callable hidden [..., D] -> logits [..., V], "
+                    f"got {type(unembed).__name__}.")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"{fn}: `chunk_size` must be a positive int, got {chunk_size!r}.")
+  with_ref = reference_hidden is not None
+  if with_ref and not callable(reference_unembed):
+    raise TypeError(f"{fn}: `reference_unembed` must be a callable when `reference_hidden` is given.")
+
+  def stats(h, lab, *ref):
+    safe = jnp.where(lab < 0, 0, lab)[..., None]
+    logits = _f32(unembed(h))
+    if not ref:  # label log-prob without a normalised [B, C, V] array
+      lse = jax.nn.logsumexp(logits, axis=-1)
+      out = {"logprobs": jnp.take_along_axis(logits, safe, axis=-1)[..., 0] - lse}
+      if return_entropy:
+        out["entropy"] = lse - jnp.sum(jnp.exp(logits - lse[..., None]) * logits, axis=-1)
+      return out
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    out = {"logprobs": jnp.take_along_axis(logp, safe, axis=-1)[..., 0]}
+    if return_entropy:
+      out["entropy"] = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    if ref:
+      logq = jax.lax.stop_gradient(jax.nn.log_softmax(_f32(reference_unembed(ref[0])), axis=-1))
+      out["reference_logprobs"] = jnp.take_along_axis(logq, safe, axis=-1)[..., 0]
+      out["kl"] = jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
+    return out
+
+  arrays = [hidden, labels] + ([reference_hidden] if with_ref else [])
+  return TokenStats(**chunked_map(stats, arrays, chunk_size=chunk_size))
 
 
 def chunked_token_logprobs(
@@ -171,10 +277,9 @@ def chunked_token_logprobs(
   ``token_entropy(unembed(hidden))``), but the sequence is cut into chunks of
   ``chunk_size`` positions; each chunk's logits are formed, reduced to one
   number per position and dropped inside a ``lax.scan`` whose body is wrapped
-  in ``jax.checkpoint``. Neither the forward nor the backward pass then holds
-  more than ``[B, chunk_size, V]`` logits at once (the backward recomputes each
-  chunk's logits from its hidden states). Math is float32 whatever the compute
-  dtype of ``unembed``.
+  in ``jax.checkpoint`` (:func:`chunked_scan`). Neither the forward nor the
+  backward pass then holds more than ``[B, chunk_size, V]`` logits at once.
+  Math is float32 whatever the compute dtype of ``unembed``.
 
   Args:
     hidden: ``[B, T, D]`` final-normed hidden states (e.g. ``model(tokens,
@@ -191,46 +296,8 @@ def chunked_token_logprobs(
     ``logprobs [B, T]`` float32, or ``(logprobs, entropy)`` with both ``[B, T]``
     float32 when ``return_entropy``.
   """
-  fn = "chunked_token_logprobs"
-  _checks.check_rank(fn, "hidden", hidden, 3, "[B, T, D]")
-  _checks.check_rank(fn, "labels", labels, 2, "[B, T]")
-  _checks.check_integer(fn, "labels", labels)
-  if _checks.shape_of(hidden)[:2] != _checks.shape_of(labels):
-    raise ValueError(
-        f"{fn}: `hidden` {_checks.shape_of(hidden)} and `labels` {_checks.shape_of(labels)} "
-        "disagree on [B, T]; hidden[:, t] must score labels[:, t]."
-    )
-  if not callable(unembed):
-    raise TypeError(f"{fn}: `unembed` must be a callable hidden [..., D] -> logits [..., V], "
-                    f"got {type(unembed).__name__}.")
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-    raise ValueError(f"{fn}: `chunk_size` must be a positive int, got {chunk_size!r}.")
-
-  hidden = jnp.asarray(hidden)
-  labels = jnp.asarray(labels)
-  batch, length, dim = hidden.shape
-  chunk = min(chunk_size, length) if length > 0 else 1
-  num_chunks = -(-length // chunk)
-  pad = num_chunks * chunk - length
-  if pad:
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    labels = jnp.pad(labels, ((0, 0), (0, pad)))
-  # [B, n*C, ...] -> [n, B, C, ...]: scan over chunks.
-  hidden_c = hidden.reshape(batch, num_chunks, chunk, dim).swapaxes(0, 1)
-  labels_c = labels.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
-
-  @jax.checkpoint
-  def body_stats(h, lab):
-    return _chunk_stats(unembed, h, lab, return_entropy)
-
-  def body(carry, xs):
-    return carry, body_stats(*xs)
-
-  _, (logp, entropy) = jax.lax.scan(body, None, (hidden_c, labels_c))
-
-  def unchunk(x):
-    return x.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
-
-  if not return_entropy:
-    return unchunk(logp)
-  return unchunk(logp), unchunk(entropy)
+  try:
+    out = chunked_token_stats(hidden, labels, unembed, chunk_size=chunk_size, return_entropy=return_entropy)
+  except (TypeError, ValueError) as e:
+    raise type(e)(str(e).replace("chunked_token_stats", "chunked_token_logprobs")) from None
+  return (out.logprobs, out.entropy) if return_entropy else out.logprobs

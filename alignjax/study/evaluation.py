@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from alignjax.data import batch as batch_lib
+from alignjax.data.batch import response_batch, sequence_batch  # noqa: F401 (re-exported)
 
 __all__ = [
     "Estimate", "SampleScores", "cluster_mean", "make_scorer", "repeat_prompts", "response_batch",
@@ -74,39 +75,6 @@ def repeat_prompts(prompt_tokens, prompt_mask, num_samples: int) -> tuple[np.nda
     raise ValueError(f"repeat_prompts: `prompt_tokens` and `prompt_mask` must be [N, T] of one shape, "
                      f"got {tokens.shape} and {mask.shape}.")
   return np.repeat(tokens, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)
-
-
-def sequence_batch(prompt_tokens, prompt_mask, response_tokens, response_mask, *,
-                   pad_token_id: int = 0) -> dict[str, np.ndarray]:
-  """``(tokens, attention, response)`` ``[N, T+L]`` of prompts followed by their responses.
-
-  Prompt padding (left or right) stays in place: positions follow the mask, so a
-  padded prompt scores like the unpadded one. Response slots outside
-  ``response_mask`` become ``pad_token_id`` and are not attended to or scored.
-  """
-  pt, pm = np.asarray(prompt_tokens), np.asarray(prompt_mask, bool)
-  rt, rm = np.asarray(response_tokens), np.asarray(response_mask, bool)
-  if pt.ndim != 2 or pm.shape != pt.shape:
-    raise ValueError(f"sequence_batch: `prompt_tokens`/`prompt_mask` must be [N, T] of one shape, got "
-                     f"{pt.shape} and {pm.shape}.")
-  if rt.ndim != 2 or rm.shape != rt.shape or rt.shape[0] != pt.shape[0]:
-    raise ValueError(f"sequence_batch: `response_tokens`/`response_mask` must be [N, L] with N = {pt.shape[0]}, "
-                     f"got {rt.shape} and {rm.shape}.")
-  tokens = np.concatenate([pt, np.where(rm, rt, pad_token_id)], axis=1).astype(np.int32)
-  attention = np.concatenate([pm, rm], axis=1)
-  response = np.concatenate([np.zeros_like(pm), rm], axis=1)
-  return {"tokens": tokens, "attention": attention, "response": response}
-
-
-def response_batch(prompt_tokens, prompt_mask, response_tokens, response_mask, *,
-                   pad_token_id: int = 0) -> dict[str, np.ndarray]:
-  """A preference-schema batch whose chosen and rejected rows are both prompt + response.
-
-  The scoring pass of :func:`make_scorer` reads it (the schema of
-  :mod:`alignjax.data.batch` lets it reuse the training code's chunked log-probs).
-  """
-  seq = sequence_batch(prompt_tokens, prompt_mask, response_tokens, response_mask, pad_token_id=pad_token_id)
-  return {batch_lib.key(side, field): seq[field] for side in batch_lib.SIDES for field in batch_lib.FIELDS}
 
 
 def make_scorer(model, *, chunk_size: int = 128) -> Callable[..., np.ndarray]:

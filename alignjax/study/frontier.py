@@ -49,26 +49,36 @@ import numpy as np
 
 from alignjax.training.config import ConfigError
 
-__all__ = ["METHODS", "RunSpec", "StudyConfig", "StudyError", "build", "plan_runs", "run_config", "run_study"]
+__all__ = ["METHODS", "methods", "RunSpec", "StudyConfig", "StudyError", "build", "plan_runs", "run_config", "run_study"]
 
 
 class StudyError(ConfigError):
   """A user error in the study configuration or workdir (one line; launchers exit with code 2)."""
 
 
-# Method -> the loop config fields that select it (loss.beta / loss.alpha come from the sweep).
-METHODS: dict[str, dict[str, Any]] = {
-    "dpo": {"loss.name": "dpo"},
-    "cdpo": {"loss.name": "dpo"},           # + loss.label_smoothing = StudyConfig.cdpo_epsilon
-    "ipo": {"loss.name": "ipo"},
-    "slic": {"loss.name": "hinge"},
-    "exponential": {"loss.name": "exponential"},
-    "truncated_quadratic": {"loss.name": "truncated_quadratic"},
-    "savage": {"loss.name": "savage"},
-    "tdpo1": {"loss.name": "tdpo1"},
-    "tdpo2": {"loss.name": "tdpo2"},        # swept over StudyConfig.tdpo2_alphas
-    "aligndistil": {"loss.name": "aligndistil"},
-}
+def methods() -> dict[str, dict[str, Any]]:
+  """Study method -> how to run it, from the algorithm registry (``Algorithm.study``).
+
+  Each preference algorithm contributes ``study["methods"]`` (default: one method
+  of its own name): method name -> fixed hyper-parameters, where a value
+  ``"@field"`` is read from :class:`StudyConfig`. ``study["sweep"] = (hparam,
+  StudyConfig field)`` sweeps one hyper-parameter beside beta; ``study["teachers"]``
+  marks methods distilled from the DPO run at the same beta and a reverse-DPO run
+  trained here too (AlignDistil).
+  """
+  from alignjax.training import algorithms  # pylint: disable=import-outside-toplevel
+  out = {}
+  # Methods distilled from other runs of the study come last (their teachers train first).
+  order = sorted(algorithms.names(preference=True), key=lambda n: bool(algorithms.get(n).study.get("teachers")))
+  for name in order:
+    study = algorithms.get(name).study
+    for method, fixed in study.get("methods", {name: {}}).items():
+      out[method] = {"algorithm": name, "fixed": dict(fixed), "sweep": study.get("sweep"),
+                     "teachers": bool(study.get("teachers"))}
+  return out
+
+
+METHODS = tuple(methods())  # the default sweep: every method of the registry at import
 
 
 def _f(default, help: str):
@@ -95,7 +105,7 @@ class StudyConfig:
   samples_per_prompt: int = _f(4, "responses sampled per training prompt, K (>= 2); K // 2 pairs per prompt")
   label_temperature: float = _f(0.1, "Bradley-Terry temperature of the preference labels (> 0)")
   # Preference runs.
-  methods: tuple = _f(tuple(METHODS), "methods to train (see METHODS)")
+  methods: tuple = _f(METHODS, "methods to train (every study method of the algorithm registry; see methods())")
   betas: tuple = _f((0.1, 0.5), "beta sweep of every method (each > 0)")
   dpo_betas: tuple = _f((0.03,), "extra beta values for DPO only (a longer DPO curve; DeRa's model may use them)")
   tdpo2_alphas: tuple = _f((0.5,), "alpha sweep of TDPO2 (each >= 0)")
@@ -213,8 +223,9 @@ def validate(cfg: StudyConfig) -> None:
   for name in ("sft_learning_rate", "learning_rate", "label_temperature", "aligndistil_beta2"):
     _check(getattr(cfg, name) > 0, f"study config `{name}` must be > 0, got {getattr(cfg, name)}.")
   _check(0 < cfg.cdpo_epsilon < 0.5, f"study config `cdpo_epsilon` must be in (0, 0.5), got {cfg.cdpo_epsilon}.")
-  unknown = [m for m in cfg.methods if m not in METHODS]
-  _check(not unknown, f"study config `methods`: unknown {unknown}; valid methods: {', '.join(METHODS)}.")
+  table = methods()
+  unknown = [m for m in cfg.methods if m not in table]
+  _check(not unknown, f"study config `methods`: unknown {unknown}; valid methods: {', '.join(table)}.")
   _check(len(set(cfg.methods)) == len(cfg.methods), f"study config `methods` has duplicates: {list(cfg.methods)}.")
   _check(len(cfg.betas) >= 1 and all(isinstance(b, (int, float)) and b > 0 for b in cfg.betas),
          f"study config `betas` must be one or more numbers > 0, got {list(cfg.betas)}.")
@@ -232,8 +243,14 @@ def validate(cfg: StudyConfig) -> None:
     _check(cfg.dera_model_beta in cfg.all_dpo_betas,
            f"study config `dera_beta` ({cfg.dera_beta}) must be one of the DPO betas {list(cfg.all_dpo_betas)} "
            "(or 0: the largest of `betas`).")
-  if "aligndistil" in cfg.methods:
-    _check("dpo" in cfg.methods, "study config: 'aligndistil' needs 'dpo' in `methods` (its DPO teacher).")
+  for m in cfg.methods:
+    if table[m]["teachers"]:
+      _check("dpo" in cfg.methods, f"study config: {m!r} needs 'dpo' in `methods` (its DPO teacher).")
+    sweep = table[m]["sweep"]
+    if sweep is not None:
+      values = getattr(cfg, sweep[1])
+      _check(bool(values) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values),
+             f"study config `{sweep[1]}` must be one or more numbers, got {list(values)}.")
 
 
 def _split_sizes(pairs: int) -> tuple[int, int]:
@@ -250,8 +267,8 @@ class RunSpec:
 
   Attributes:
     name: the run's directory name under ``<workdir>/runs``.
-    method: a key of :data:`METHODS` (or ``reverse_dpo``, AlignDistil's contrast teacher).
-    beta, alpha: the swept hyper-parameters (alpha: TDPO2 only).
+    method: a key of :func:`methods` (or ``reverse_dpo``, a contrast teacher).
+    beta, alpha: the swept hyper-parameters (alpha: the method's second swept one, if any).
     fields: dotted loop config fields that select the method.
     plotted: whether the run is a point of the frontier.
   """
@@ -270,22 +287,25 @@ class RunSpec:
 
 def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
   """Every training run of the sweep, in training order (teachers before their students)."""
+  table = methods()
   runs: list[RunSpec] = []
+  ordered = sorted(cfg.methods, key=lambda m: table[m]["teachers"])   # teachers' students last
   for beta in cfg.all_dpo_betas:
-    for method in cfg.methods if beta in cfg.betas else ("dpo",):
-      fields = dict(METHODS[method], **{"loss.beta": float(beta)})
-      if method == "cdpo":
-        fields["loss.label_smoothing"] = cfg.cdpo_epsilon
-      if method == "tdpo2":
-        for alpha in cfg.tdpo2_alphas:
-          runs.append(RunSpec(f"tdpo2_b{beta:g}_a{alpha:g}", method, float(beta), float(alpha),
-                              dict(fields, **{"loss.alpha": float(alpha)})))
+    for method in ordered if beta in cfg.betas else ("dpo",):
+      m = table[method]
+      fields = {"loss.name": m["algorithm"], "loss.beta": float(beta)}
+      for k, v in m["fixed"].items():
+        fields[f"loss.{k}"] = getattr(cfg, v[1:]) if isinstance(v, str) and v.startswith("@") else v
+      if m["sweep"] is not None:
+        hparam, values = m["sweep"]
+        for value in getattr(cfg, values):
+          runs.append(RunSpec(f"{method}_b{beta:g}_{hparam[0]}{value:g}", method, float(beta), float(value),
+                              dict(fields, **{f"loss.{hparam}": float(value)})))
         continue
-      if method == "aligndistil":
+      if m["teachers"]:
         runs.append(RunSpec(f"reverse_dpo_b{beta:g}", "reverse_dpo", float(beta), None,
                             {"loss.name": "dpo", "loss.beta": float(beta), "data.swap_pairs": True}, plotted=False))
-        fields.update({"loss.beta2": cfg.aligndistil_beta2,
-                       "distill.dpo_checkpoint": f"runs/dpo_b{beta:g}",
+        fields.update({"distill.dpo_checkpoint": f"runs/dpo_b{beta:g}",
                        "distill.contrast_checkpoint": f"runs/reverse_dpo_b{beta:g}"})
       runs.append(RunSpec(f"{method}_b{beta:g}", method, float(beta), None, fields))
   return runs

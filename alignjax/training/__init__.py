@@ -1,12 +1,13 @@
 """Training for preference optimisation.
 
-* :mod:`alignjax.training.objectives`: the loss table and ``LossConfig``.
+* :mod:`alignjax.training.algorithms`: the registry, one module per method.
 * :mod:`alignjax.training.steps`: jitted train/eval steps over a pytree state.
 * :mod:`alignjax.training.reference`: reference modes (online, precomputed, free).
-* :mod:`alignjax.training.loop`: the train/eval loop (``loop.run``) with run reliability.
+* :mod:`alignjax.training.loop`: the train/eval loop over phases (``loop.run``) with run reliability.
 * :mod:`alignjax.training.config`: the typed, validated run config.
+* :mod:`alignjax.training.rollout`: on-policy data (the policy's samples).
 """
 
-from alignjax.training import objectives, reference, steps
+from alignjax.training import algorithms, reference, steps
 
-__all__ = ["objectives", "reference", "steps"]
+__all__ = ["algorithms", "reference", "steps"]

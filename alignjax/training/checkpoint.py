@@ -25,7 +25,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-__all__ = ["Checkpointer", "CheckpointMismatchError"]
+__all__ = ["Checkpointer", "CheckpointMismatchError", "FINAL_POLICY", "load_policy"]
+
+FINAL_POLICY = "final_policy"  # <workdir>/final_policy: a finished run's policy (models.checkpoint_io.save_model)
 
 
 class CheckpointMismatchError(ValueError):
@@ -238,3 +240,26 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self._manager.close()
+
+
+def load_policy(path: str, *, where: str = "load_policy: `path`"):
+  """A policy model (``alignjax.models.Transformer``) from a run workdir or a model checkpoint.
+
+  ``path`` is one of: the workdir of a finished run (every run saves its final
+  policy as ``<workdir>/final_policy`` with
+  :func:`alignjax.models.checkpoint_io.save_model`); such an Orbax model
+  checkpoint itself (e.g. written by ``launch/convert.py``); or a Hugging Face
+  directory (``config.json`` + safetensors, read with :func:`alignjax.models.from_hf`).
+  """
+  path = os.path.abspath(path)
+  from alignjax.models import checkpoint_io  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(os.path.join(path, FINAL_POLICY)):
+    return checkpoint_io.load_model(os.path.join(path, FINAL_POLICY))
+  if os.path.isdir(os.path.join(path, checkpoint_io.CONFIG_ITEM)):
+    return checkpoint_io.load_model(path)
+  if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
+    from alignjax.models import from_hf  # pylint: disable=import-outside-toplevel
+    return from_hf(path)
+  from alignjax.training.config import ConfigError  # pylint: disable=import-outside-toplevel
+  raise ConfigError(f"{where}: {path} is neither a finished run (no {FINAL_POLICY}/), an alignjax model checkpoint "
+                    "nor a Hugging Face model directory.")

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Iterable, Mapping
 
+from alignjax.training import algorithms
+
 __all__ = [
-    "ConfigError", "DATA_KINDS", "DataConfig", "DistillSpec", "InitConfig", "LossSpec", "MeshSpec", "ModelSpec", "PhaseConfig", "RunConfig",
-    "RESUMABLE_FIELDS", "build", "field_help", "flatten", "identity", "identity_diff",
-    "loss_names", "to_config_dict",
+    "ConfigError", "DATA_KINDS", "DataConfig", "DistillSpec", "InitConfig", "MeshSpec", "ModelSpec", "PhaseConfig",
+    "RunConfig", "RESUMABLE_FIELDS", "build", "field_help", "flatten", "hparams", "identity", "identity_diff",
+    "loss_names", "loss_spec_class", "student_vocab", "to_config_dict",
 ]
 
 
@@ -97,20 +100,86 @@ class PhaseConfig:
   warmup_steps: int = _f(0, "linear warm-up steps (>= 0)")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LossSpec:
-  """The preference loss and its hyper-parameters."""
-  name: str = _f("dpo", "preference loss (see the valid loss names)")
-  beta: float = _f(0.1, "inverse temperature of the log-ratio difference (> 0)")
-  label_smoothing: float = _f(0.0, "cDPO / robust-DPO label-flip probability, 0 <= eps < 0.5 (dpo only)")
-  robust: bool = _f(False, "robust-DPO estimator (Chowdhury et al. 2024; dpo only, needs label_smoothing > 0)")
-  alpha: float = _f(0.5, "TDPO2 weight of the sequential-KL term (>= 0; Zeng et al. 2024 use 0.5)")
-  average_log_prob: bool = _f(False, "token-average instead of sum the sequence log-probs")
-  beta2: float = _f(10.0, "AlignDistil beta2: w_t = beta2 * sum_v |p_dpo - p_contrast| + 1e-3 (> 0; authors: 10 "
-                    "off-policy, 15 on-policy)")
-  mode: str = _f("aligndistil", "AlignDistil teacher: aligndistil, theorem1, theorem1_contrast, theorem1_adaptive")
-  temperature: float = _f(1.0, "AlignDistil teacher temperature tau (> 0; authors: 1)")
-  length_normalize: bool = _f(True, "AlignDistil: per-example mean over the distilled tokens (authors: True)")
+_LOSS_SPECS: dict[tuple, type] = {}
+
+
+def loss_spec_class() -> type:
+  """The ``config.loss`` section: ``name`` plus the union of every registered algorithm's hyper-parameters.
+
+  Built from the registry (:mod:`alignjax.training.algorithms`), so a new
+  algorithm's fields appear in the config, ``--config_help`` and the run identity
+  without being listed anywhere else. A field shared by several algorithms takes
+  the default of the first (by name) that declares it. Fields whose metadata
+  says ``config=False`` are set by the algorithm's ``configure`` hook instead.
+  """
+  registry = algorithms.registry()
+  key = tuple(sorted((n, id(a)) for n, a in registry.items()))
+  if key not in _LOSS_SPECS:
+    fields: dict[str, tuple] = {"name": ("str", _f("dpo", "the algorithm (see the valid loss names)"))}
+    users: dict[str, list[str]] = {}
+    for name in sorted(registry):
+      for f in dataclasses.fields(registry[name].hparams):
+        if not f.metadata.get("config", True):
+          continue
+        users.setdefault(f.name, []).append(name)
+        if f.name not in fields:
+          fields[f.name] = (f.type, f.metadata.get("help", ""), f.default)
+    preference = set(algorithms.names(preference=True))
+    spec = [("name", "str", fields.pop("name")[1])]
+    for fname, (ftype, help_text, default) in fields.items():
+      used = users[fname]
+      if not preference <= set(used):
+        help_text = f"{help_text} [{', '.join(used)}]"
+      spec.append((fname, ftype, _f(default, help_text)))
+    cls = dataclasses.make_dataclass(
+        "LossSpec", spec, frozen=True, kw_only=True,
+        namespace={"__doc__": "The algorithm (``name``) and its hyper-parameters (union over the registry)."})
+    cls.__module__ = __name__
+    _LOSS_SPECS[key] = cls
+  return _LOSS_SPECS[key]
+
+
+def __getattr__(name):
+  if name == "LossSpec":
+    return loss_spec_class()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def loss_users(field_name: str) -> list[str]:
+  """The registered algorithms with hyper-parameter ``field_name``."""
+  return [n for n, a in sorted(algorithms.registry().items())
+          if any(f.name == field_name for f in dataclasses.fields(a.hparams))]
+
+
+def hparams(cfg: "RunConfig"):
+  """The hyper-parameters of ``cfg.loss.name``'s algorithm (its own validated dataclass).
+
+  Taken from ``config.loss`` (and the algorithm's ``configure`` hook for
+  run-level fields). A ``config.loss`` field the algorithm does not have must
+  keep its default; else a one-line :class:`ConfigError` names it.
+  """
+  algo = algorithms.get(cfg.loss.name)
+  own = {f.name for f in dataclasses.fields(algo.hparams) if f.metadata.get("config", True)}
+  default = loss_spec_class()()
+  for f in dataclasses.fields(cfg.loss):
+    value = getattr(cfg.loss, f.name)
+    if f.name == "name" or f.name in own or value == getattr(default, f.name):
+      continue
+    users = loss_users(f.name)
+    _hparams_or_error(algorithms.get(users[0]), {f.name: value})   # a bad value: the range message first
+    raise ConfigError(f"config.loss.{f.name} does not apply to {cfg.loss.name!r} (a hyper-parameter of "
+                      f"{', '.join(users)}).")
+  values = {name: getattr(cfg.loss, name) for name in own}
+  if algo.configure is not None:
+    values.update(algo.configure(cfg))
+  return _hparams_or_error(algo, values)
+
+
+def _hparams_or_error(algo, values):
+  try:
+    return algo.hparams(**values)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(re.sub(r"^loss: `(\w+)`", r"config.loss.\1", str(e))) from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -152,7 +221,7 @@ class RunConfig:
       default_factory=lambda: PhaseConfig(steps=25, learning_rate=3e-3, warmup_steps=20))
   dpo: PhaseConfig = dataclasses.field(
       default_factory=lambda: PhaseConfig(steps=200, learning_rate=5e-4, warmup_steps=10))
-  loss: LossSpec = dataclasses.field(default_factory=LossSpec)
+  loss: Any = dataclasses.field(default_factory=lambda: loss_spec_class()())
   distill: DistillSpec = dataclasses.field(default_factory=DistillSpec)
   mesh: MeshSpec = dataclasses.field(default_factory=MeshSpec)
   batch_size: int = _f(32, "preference pairs per step (>= 1)")
@@ -175,15 +244,8 @@ BUDGET_FIELDS = ("dpo.steps",)
 
 
 def loss_names() -> tuple[str, ...]:
-  """Valid ``loss.name`` values: the preference objectives the training loop runs.
-
-  Taken from the objectives table (``alignjax.training.objectives.OBJECTIVES``):
-  every objective that needs a reference model or, for AlignDistil, its frozen
-  teacher and contrast models (``distill.*``); ``sft`` is the warm-up phase.
-  """
-  from alignjax.training import objectives  # pylint: disable=import-outside-toplevel
-  return tuple(name for name, obj in objectives.OBJECTIVES.items()
-               if obj.needs in ("reference_logps", "reference_logits", "teachers"))
+  """Valid ``loss.name`` values: the registry's preference algorithms (``sft`` is the warm-up phase)."""
+  return algorithms.names(preference=True)
 
 
 def _fields(cls) -> list[dataclasses.Field]:
@@ -210,11 +272,15 @@ def identity(cfg: RunConfig) -> dict[str, Any]:
 def identity_diff(stored: Mapping[str, Any], cfg: RunConfig) -> list[str]:
   """One line per identity field that differs between ``stored`` and ``cfg``."""
   now = identity(cfg)
+  default = flatten(RunConfig())
   lines = []
   for k in sorted(set(stored) | set(now)):
     if k in RESUMABLE_FIELDS:
       continue
     a, b = stored.get(k, "<absent>"), now.get(k, "<absent>")
+    # A field added (or removed) since the run was stored matches when it holds its default.
+    if "<absent>" in (a, b) and (a if b == "<absent>" else b) == default.get(k, "<absent>"):
+      continue
     if a != b:
       lines.append(f"config.{k}: stored {a!r}, given {b!r}")
   return lines
@@ -241,6 +307,8 @@ def field_help() -> str:
   lines = ["Config fields (default, meaning):"]
   lines += [f"  {n:<{width}}  {d:<{dwidth}}  {h}" for n, d, h in rows]
   lines.append("Valid loss names (--config.loss.name): " + ", ".join(loss_names()))
+  registry = algorithms.registry()
+  lines += [f"  {n:<{width - 2}}  {registry[n].schema:<{dwidth}}  {registry[n].description}" for n in loss_names()]
   return "\n".join(lines)
 
 
@@ -395,19 +463,8 @@ def validate(cfg: RunConfig) -> None:
   _check(cfg.sft.steps + cfg.dpo.steps > 0, "config.sft.steps + config.dpo.steps is 0: nothing to train.")
   names = loss_names()
   _check(l.name in names, f"config.loss.name: unknown loss {l.name!r}; valid loss names: {', '.join(names)}.")
-  _check(math.isfinite(l.beta) and l.beta > 0, f"config.loss.beta must be a finite number > 0, got {l.beta}.")
-  # cDPO / robust DPO (Chowdhury et al. 2024, arXiv:2403.00409, Eq. 9): the flip
-  # probability eps must be < 1/2 (the robust estimator divides by 1 - 2 eps).
-  _check(0.0 <= l.label_smoothing < 0.5,
-         f"config.loss.label_smoothing must satisfy 0 <= eps < 0.5, got {l.label_smoothing}.")
-  # TDPO2 (Zeng et al. 2024, arXiv:2404.11999, Eq. 24): alpha scales a KL
-  # penalty on the rejected response; negative alpha rewards divergence.
-  _check(math.isfinite(l.alpha) and l.alpha >= 0, f"config.loss.alpha must be a finite number >= 0, got {l.alpha}.")
-  if l.name != "dpo":
-    _check(l.label_smoothing == 0.0 and not l.robust,
-           f"config.loss.label_smoothing/robust apply to the 'dpo' loss only, not {l.name!r}.")
-  _check(not l.robust or l.label_smoothing > 0,
-         "config.loss.robust needs config.loss.label_smoothing > 0 (robust DPO with eps = 0 is plain DPO).")
+  algo = algorithms.get(l.name)
+  hparams(cfg)
   _check(cfg.batch_size >= 1, f"config.batch_size must be positive, got {cfg.batch_size}.")
   _check(cfg.eval_batch_size >= 1, f"config.eval_batch_size must be positive, got {cfg.eval_batch_size}.")
   _check(d.kind not in ("sorting", "reviews") or d.train_examples >= cfg.batch_size,
@@ -432,13 +489,20 @@ def validate(cfg: RunConfig) -> None:
     _check(size % shards == 0,
            f"config.{name} ({size}) must be divisible by config.mesh.data * config.mesh.fsdp ({shards}): "
            "the batch is split over those axes.")
-  _validate_distill(cfg)
+  _check(cfg.distill.max_new_tokens >= 0,
+         f"config.distill.max_new_tokens must be >= 0, got {cfg.distill.max_new_tokens}.")
+  if algo.needs != "teachers":
+    teachers = [n for n, a in algorithms.registry().items() if a.needs == "teachers"]
+    _check(flatten(cfg.distill) == flatten(DistillSpec()),
+           f"config.distill.* apply to algorithms with frozen teachers ({', '.join(teachers)}), not {l.name!r}.")
+  if algo.validate_run is not None:
+    try:
+      algo.validate_run(cfg)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
 
-ALIGNDISTIL_MODES = ("aligndistil", "theorem1", "theorem1_contrast", "theorem1_adaptive")
-
-
-def _student_vocab(cfg: RunConfig):
+def student_vocab(cfg: RunConfig):
   """The vocabulary size the policy will have, if it can be read without loading weights (else None)."""
   import os  # pylint: disable=import-outside-toplevel
   d = cfg.data
@@ -458,29 +522,6 @@ def _student_vocab(cfg: RunConfig):
     if arrays_tfds.is_prepared(os.path.abspath(d.path)):
       return arrays_tfds.read_metadata(os.path.abspath(d.path)).get("vocab_size")
   return None
-
-
-def _validate_distill(cfg: RunConfig) -> None:
-  """AlignDistil (Zhang et al. 2025, arXiv:2503.02832): hyper-parameters, the frozen runs, the data."""
-  l, ds = cfg.loss, cfg.distill
-  _check(math.isfinite(l.beta2) and l.beta2 > 0, f"config.loss.beta2 must be a finite number > 0, got {l.beta2}.")
-  _check(l.mode in ALIGNDISTIL_MODES, f"config.loss.mode must be one of {list(ALIGNDISTIL_MODES)}, got {l.mode!r}.")
-  _check(math.isfinite(l.temperature) and l.temperature > 0,
-         f"config.loss.temperature must be a finite number > 0, got {l.temperature}.")
-  _check(ds.max_new_tokens >= 0, f"config.distill.max_new_tokens must be >= 0, got {ds.max_new_tokens}.")
-  if l.name != "aligndistil":
-    _check(not (ds.dpo_checkpoint or ds.contrast_checkpoint or ds.on_policy),
-           f"config.distill.* apply to config.loss.name='aligndistil' only, not {l.name!r}.")
-    return
-  _check(not cfg.data.swap_pairs, "config.data.swap_pairs does not apply to 'aligndistil' (it distils the chosen "
-         "responses); swap the pairs of the reverse-DPO run instead.")
-  from alignjax.training import distill  # pylint: disable=import-outside-toplevel
-  student = _student_vocab(cfg)
-  for name in ("dpo_checkpoint", "contrast_checkpoint"):
-    try:
-      distill.run_vocab(f"distill.{name}", getattr(ds, name), student_vocab=student)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
 
 
 def to_config_dict(cfg: RunConfig | None = None):

@@ -29,18 +29,20 @@ What a run guarantees (every caller gets it):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
+from alignjax.training import algorithms
 from alignjax.training import config as config_lib
 from alignjax.training import run as run_lib
+from alignjax.training.checkpoint import FINAL_POLICY, load_policy
 from alignjax.training.config import ConfigError, RunConfig
 
 __all__ = ["FINAL_POLICY", "IdentityMismatch", "evaluate", "load_policy", "make_policy", "open_data", "run"]
 
-FINAL_POLICY = "final_policy"  # <workdir>/final_policy: a finished run's policy (models.checkpoint_io.save_model)
 
 
 class IdentityMismatch(ConfigError):
@@ -131,11 +133,12 @@ def evaluate(eval_fn, params, frozen, data: Mapping[str, Any], batch_size: int, 
   ``eval_fn`` is a :func:`alignjax.training.steps.make_eval_step` function;
   ``to_device`` places each host batch (see :func:`global_batch`).
   """
-  n = len(data["chosen_tokens"])
+  from alignjax.data import batch as batch_lib  # pylint: disable=import-outside-toplevel
+  n = batch_lib.num_examples(data)
   totals: dict[str, float] = {}
   for start in range(0, n, batch_size):
     batch = {k: v[start:start + batch_size] for k, v in data.items()}
-    size = len(batch["chosen_tokens"])
+    size = batch_lib.num_examples(batch)
     for k, v in eval_fn(params, to_device(batch), frozen).items():
       totals[k] = totals.get(k, 0.0) + float(v) * size
   return {k: v / n for k, v in totals.items()}
@@ -218,61 +221,112 @@ def _resolve_identity(cfg: RunConfig, workdir: str, ckpt_dir: str, explicit) -> 
   return cfg, record
 
 
+@dataclasses.dataclass
+class Phase:
+  """One phase of a run: steps ``[start, stop)`` of one algorithm with its own optimizer state.
+
+  Attributes:
+    name: the phase's name in metrics and progress lines (``sft`` or the loss name).
+    key: its train state's key in the checkpointed objects.
+    loss: the :class:`algorithms.Loss` it trains.
+    start, stop: global step range.
+    tx: its optimizer.
+    reference: the :class:`reference.Reference` mode of its step.
+    frozen: ``fn() -> {name: params}`` of its frozen models (read at each step).
+    data: ``fn(host_batch, step) -> host_batch``: the phase's data (schema conversion, rollouts).
+  """
+  name: str
+  key: str
+  loss: Any
+  start: int
+  stop: int
+  tx: Any
+  reference: Any
+  frozen: Callable[[], Mapping[str, Any]]
+  data: Callable[[Mapping[str, Any], int], Mapping[str, Any]]
+
+
+def _schema_adapter(algorithm, cfg: RunConfig):
+  """``fn(host_batch) -> host_batch`` in ``algorithm``'s schema (swapped pairs, unpaired rows, KL rows)."""
+  from alignjax.data import batch as batch_lib  # pylint: disable=import-outside-toplevel
+
+  def adapt(batch):
+    schema = batch_lib.detect(batch)
+    if cfg.data.swap_pairs and schema.name == "paired":
+      batch = batch_lib.swap_pairs(batch)
+    if algorithm.schema == "unpaired" and schema.name == "paired":
+      batch = batch_lib.unpair(batch)
+    elif algorithm.schema == "paired" and schema.name != "paired":
+      raise ConfigError(f"config.loss.name: {algorithm.name!r} trains on preference pairs, but the data set holds "
+                        "unpaired rows.")
+    if algorithm.kl_rows and "kl_tokens" not in batch:
+      batch = dict(batch, **batch_lib.mismatched_rows(batch))
+    return batch
+  return adapt
+
+
+def _frozen_models(algorithm, cfg: RunConfig, policy, mesh):
+  """``(Reference, frozen params)`` of the preference phase: the algorithm's own frozen models, or the reference."""
+  from alignjax.training import reference as reference_lib  # pylint: disable=import-outside-toplevel
+  if algorithm.load_frozen is not None:
+    return reference_lib.teachers(**algorithm.load_frozen(cfg, policy.config.vocab_size), mesh=mesh)
+  if algorithm.needs == "none":
+    return reference_lib.none()
+  return reference_lib.online(policy, mesh=mesh)
+
+
 def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from alignjax.data import batch as batch_lib  # pylint: disable=import-outside-toplevel
   from alignjax.data import preference_batches, to_arrays  # pylint: disable=import-outside-toplevel
-  from alignjax.models import Transformer  # pylint: disable=import-outside-toplevel
-  from alignjax.training import distill  # pylint: disable=import-outside-toplevel
-  from alignjax.training import objectives  # pylint: disable=import-outside-toplevel
   from alignjax.training import reference as reference_lib  # pylint: disable=import-outside-toplevel
   from alignjax.training import steps as steps_lib  # pylint: disable=import-outside-toplevel
   from alignjax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
 
   main = jax.process_index() == 0
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  stored_budget = None
   cfg, record = _resolve_identity(cfg, workdir, ckpt_dir, explicit)
-  if record.get("budget"):
-    stored_budget = dict(record["budget"])
+  stored_budget = dict(record["budget"]) if record.get("budget") else None
 
-  loss_cfg = objectives.LossConfig.from_mapping(dict(config_lib.flatten(cfg.loss), on_policy=cfg.distill.on_policy))
+  algo = algorithms.get(cfg.loss.name)
+  pref_loss = algorithms.Loss(algo, config_lib.hparams(cfg))
   train_source, eval_source, vocab_size, data_name = first_on_process_zero(
       lambda: open_data(cfg, workdir), "alignjax-data")
   if len(train_source) < cfg.batch_size:
     raise ConfigError(f"config.batch_size ({cfg.batch_size}) exceeds the {len(train_source)} training rows of "
                       f"{data_name}.")
   train_ds = preference_batches(train_source, cfg.batch_size, seed=cfg.seed)
-  eval_data = to_arrays(eval_source)
-  if cfg.data.swap_pairs:  # the reverse-DPO run of AlignDistil trains and evaluates on swapped pairs
-    eval_data = distill.swap_pairs(eval_data)
+  adapt = _schema_adapter(algo, cfg)
+  eval_data = adapt(to_arrays(eval_source))
 
   mesh = make_mesh(cfg.mesh)
   policy = make_policy(cfg, vocab_size)
   sft_steps, total = cfg.sft.steps, cfg.sft.steps + cfg.dpo.steps
-  sft_tx = optimizer(cfg.sft, weight_decay=cfg.weight_decay)
-  pref_tx = optimizer(cfg.dpo, weight_decay=cfg.weight_decay)
-  ref_mode, frozen = reference_lib.online(policy, mesh=mesh)
-  teachers, rollout = None, None
-  if loss_cfg.name == "aligndistil":
-    # AlignDistil's frozen DPO teacher and reverse-DPO contrast model: inference only, no
-    # optimizer state, sharded like the student; on-policy: the student's samples each step.
-    ds = cfg.distill
-    frozen_models = {name: distill.load_frozen(f"distill.{name}_checkpoint", getattr(ds, f"{name}_checkpoint"),
-                                               vocab_size=policy.config.vocab_size) for name in ("dpo", "contrast")}
-    ref_mode, teachers = reference_lib.teachers(**frozen_models, mesh=mesh)
-    if ds.on_policy:
-      rollout = distill.make_rollout(
-          policy, max_new_tokens=ds.max_new_tokens or int(np.shape(eval_data["chosen_tokens"])[1]),
-          eos_token_id=ds.eos_token_id, pad_token_id=0, seed=cfg.seed + 7)
-  # Everything a resumed run needs, as pytrees: both phases' train states and the
-  # frozen reference (the policy at the end of SFT); sharded over the mesh if any.
-  objects = {"sft": steps_lib.init_state(policy, sft_tx, mesh=mesh),
-             "pref": steps_lib.init_state(policy, pref_tx, mesh=mesh),
-             "reference": jax.tree.map(jnp.copy, frozen["reference"])}
+  pref_ref, pref_frozen_models = _frozen_models(algo, cfg, policy, mesh)
+  seq_len = int(np.shape(eval_data[batch_lib.detect(eval_data).first_key])[1])
+  rollout = algo.rollout(cfg, policy, seq_len) if algo.rollout is not None else None
+  phases = [
+      Phase("sft", "sft", algorithms.loss("sft"), 0, sft_steps, optimizer(cfg.sft, weight_decay=cfg.weight_decay),
+            reference_lib.none()[0], dict, lambda b, step: b),
+      Phase(algo.name, "pref", pref_loss, sft_steps, total, optimizer(cfg.dpo, weight_decay=cfg.weight_decay),
+            pref_ref, None, None),
+  ]
+  sft, pref = phases
+  # Everything a resumed run needs, as pytrees: both phases' train states and the frozen
+  # reference (the policy at the end of SFT); sharded over the mesh if any.
+  objects = {"sft": steps_lib.init_state(policy, sft.tx, mesh=mesh),
+             "pref": steps_lib.init_state(policy, pref.tx, mesh=mesh),
+             "reference": jax.tree.map(jnp.copy, reference_lib.online(policy, mesh=mesh)[1]["reference"])}
+  pref.frozen = ((lambda: pref_frozen_models) if algo.load_frozen is not None or algo.needs == "none"
+                 else (lambda: {"reference": objects["reference"]}))
+
+  def pref_data(host_batch, step):
+    host_batch = adapt(host_batch)
+    return rollout(objects["pref"].params, host_batch, step) if rollout is not None else host_batch
+  pref.data = pref_data
+  sft.data = lambda b, step: b
   to_device = global_batch(mesh)
 
   ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.max_checkpoints, warn=_warn if main else (lambda m: None))
@@ -283,15 +337,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
       raise ConfigError(
           f"config.dpo.steps={cfg.dpo.steps} gives a budget of {total} steps, below the restored step {start}; "
           "pass a larger --config.dpo.steps.")
-    history = list(record.get("history", []))
-    if not history or start == 0:
-      history = [{"event": "start", "step": 0, "total": total}]
-    elif stored_budget is not None and stored_budget.get("dpo.steps") != cfg.dpo.steps:
-      history.append({"event": "budget", "step": start, "total": total,
-                      "dpo.steps": [stored_budget.get("dpo.steps"), cfg.dpo.steps]})
-    record = {"identity": config_lib.identity(cfg),
-              "budget": {f: config_lib.flatten(cfg)[f] for f in config_lib.BUDGET_FIELDS},
-              "history": history, "config": config_lib.flatten(cfg)}
+    record = _update_record(cfg, record, start, total, stored_budget)
     run_lib.write_record(ckpt_dir, record)
     if main:
       with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -303,76 +349,59 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     if start:
       progress.message(f"resumed from step {start} of {total} ({ckpt_dir})")
     progress.message(
-        f"alignjax: {loss_cfg.name} on {data_name} | devices={jax.devices()} | params={n_params:,} | "
+        f"alignjax: {algo.name} on {data_name} | devices={jax.devices()} | params={n_params:,} | "
         f"steps: sft {sft_steps} + preference {cfg.dpo.steps}")
 
     # Non-finite updates are never applied (skip_nonfinite); the loop then stops or goes on.
     step_kwargs = dict(max_grad_norm=cfg.max_grad_norm, skip_nonfinite=True, mesh=mesh)
-    sft_step = steps_lib.make_train_step(
-        policy, sft_tx, objectives.LossConfig(name="sft"), reference_lib.none()[0], **step_kwargs)
-    pref_step = steps_lib.make_train_step(policy, pref_tx, loss_cfg, ref_mode, **step_kwargs)
-    pref_eval = steps_lib.make_eval_step(policy, loss_cfg, ref_mode, mesh=mesh)
+    step_fns = {ph.key: steps_lib.make_train_step(policy, ph.tx, ph.loss, ph.reference, **step_kwargs)
+                for ph in phases if ph.stop > ph.start}
+    pref_eval = steps_lib.make_eval_step(policy, pref_loss, pref_ref, mesh=mesh)
+
+    def evaluate_pref(params):
+      return evaluate(pref_eval, params, pref.frozen(), eval_data, cfg.eval_batch_size, to_device=to_device)
 
     def start_preference_phase():
       """The policy after SFT starts the preference phase and is its frozen reference."""
       params = objects["sft"].params
       objects["pref"] = steps_lib.TrainState(
-          objects["pref"].step * 0, jax.tree.map(jnp.copy, params), jax.jit(pref_tx.init)(params),
+          objects["pref"].step * 0, jax.tree.map(jnp.copy, params), jax.jit(pref.tx.init)(params),
           objects["pref"].skipped * 0)
       objects["reference"] = jax.tree.map(jnp.copy, params)
-
-    def pref_frozen():
-      """The frozen models of the preference phase: the reference, or AlignDistil's teachers."""
-      return teachers if teachers is not None else {"reference": objects["reference"]}
-
-    def prepare(host_batch, step):
-      """AlignDistil's data: swapped pairs (reverse DPO); the student's own samples (on-policy)."""
-      if cfg.data.swap_pairs:
-        host_batch = distill.swap_pairs(host_batch)
-      if rollout is not None and step >= sft_steps:
-        host_batch = rollout(objects["pref"].params, host_batch, step)
-      return host_batch
 
     before = None
     before_path = os.path.join(workdir, "eval_before.json")
     if start >= sft_steps and start > 0 and os.path.exists(before_path):
       with open(before_path) as f:
         before = json.load(f)
-    skipped, last_saved, good = 0, start if start else None, None
+    skipped, last_saved, good, loss = 0, start if start else None, None, float("nan")
     for step in range(start, total):
       if step == sft_steps:
         start_preference_phase()
-        before = evaluate(pref_eval, objects["pref"].params, pref_frozen(),
-                          eval_data, cfg.eval_batch_size, to_device=to_device)
+        before = evaluate_pref(objects["pref"].params)
         if main:
           with open(before_path, "w") as f:
             json.dump(before, f)
         progress.message(f"[eval @ {step}] reference: " + _fmt(before))
-      host_batch = prepare(train_ds[step], step)
-      batch = to_device(host_batch)
-      sft = step < sft_steps
-      phase = "sft" if sft else loss_cfg.name
-      if sft:
-        objects["sft"], metrics = sft_step(objects["sft"], batch, {})
-        tokens = float(np.sum(host_batch["chosen_attention"]))
-        flops = 6.0 * n_params * np.size(host_batch["chosen_tokens"])
-      else:
-        objects["pref"], metrics = pref_step(objects["pref"], batch, pref_frozen())
-        tokens = float(np.sum(host_batch["chosen_attention"]) + np.sum(host_batch["rejected_attention"]))
-        flops = 8.0 * n_params * 2 * np.size(host_batch["chosen_tokens"])  # policy fwd+bwd, reference fwd
+      phase = sft if step < sft_steps else pref
+      host_batch = phase.data(train_ds[step], step)
+      objects[phase.key], metrics = step_fns[phase.key](objects[phase.key], to_device(host_batch), phase.frozen())
+      sides = batch_lib.detect(host_batch).present_sides(host_batch)
+      tokens = float(sum(np.sum(host_batch[f"{s}_attention"]) for s in sides))
+      flops = phase.loss.algorithm.flops_per_token(n_params) * sum(np.size(host_batch[f"{s}_tokens"]) for s in sides)
       loss, finite = (float(x) for x in jax.device_get((metrics["loss"], metrics["finite"])))
       done = step + 1
       progress.step(done, tokens=tokens, flops=flops)
       if not finite:
         if cfg.on_nonfinite == "stop":
           raise run_lib.TrainingFailed(
-              f"non-finite loss, gradients or parameters at step {done} ({phase}, loss={loss}); the update was "
-              f"not applied and nothing non-finite was saved (last checkpoint: step {last_saved}). "
+              f"non-finite loss, gradients or parameters at step {done} ({phase.name}, loss={loss}); the update "
+              f"was not applied and nothing non-finite was saved (last checkpoint: step {last_saved}). "
               "Lower the learning rate, or set config.on_nonfinite=skip.", step=done)
         skipped += 1
       elif loss > cfg.max_loss:
         raise run_lib.TrainingFailed(
-            f"training diverged at step {done} ({phase}): loss {loss:.4g} > config.max_loss={cfg.max_loss:g}; "
+            f"training diverged at step {done} ({phase.name}): loss {loss:.4g} > config.max_loss={cfg.max_loss:g}; "
             f"stopped without saving this step (last checkpoint: step {last_saved}). Lower the learning rate.",
             step=done)
       else:
@@ -382,8 +411,8 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
             k: float(v) for k, v in jax.device_get(good).items() if k not in ("finite", "skipped", "step")}
         if cfg.on_nonfinite == "skip":
           scalars["skipped_updates"] = float(skipped)
-        writer.write(done, scalars, phase=phase)
-        progress.log(done, phase, scalars, progress.stats(done))
+        writer.write(done, scalars, phase=phase.name)
+        progress.log(done, phase.name, scalars, progress.stats(done))
       stop = guard.should_stop(done)
       if done % cfg.checkpoint_every == 0 or done == total or done == sft_steps or stop:
         ckpt.save(done, objects)
@@ -395,12 +424,10 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
             "re-run the same command to resume.")
         raise run_lib.Preempted(stop, done)
     progress.close()
-
     final = objects["pref"] if total > sft_steps else objects["sft"]
-    after = evaluate(pref_eval, final.params, pref_frozen(), eval_data, cfg.eval_batch_size,
-                     to_device=to_device)
+    after = evaluate_pref(final.params)
     progress.message(f"[eval @ {total}] policy:    " + _fmt(after))
-    result = {"loss": loss_cfg.name, "steps": total, "eval_before": before, "eval_after": after,
+    result = {"loss": algo.name, "steps": total, "eval_before": before, "eval_after": after,
               "workdir": workdir, "resumed_from": start, "skipped_updates": skipped,
               "budget_history": record["history"]}
     # The final policy, for load_policy / init.checkpoint / sampling (before final_metrics.json marks the end).
@@ -414,7 +441,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
       progress.message(
           "held-out preference accuracy of the policy (log pi(y_w) > log pi(y_l)): "
           f"{before['policy/preference_accuracy']:.3f} (reference) -> "
-          f"{after['policy/preference_accuracy']:.3f} (after {loss_cfg.name})")
+          f"{after['policy/preference_accuracy']:.3f} (after {algo.name})")
     return result
   finally:
     if progress is not None:
@@ -422,6 +449,18 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     writer.close()
     ckpt.close()
 
+
+def _update_record(cfg: RunConfig, record: Mapping[str, Any], start: int, total: int, stored_budget) -> dict:
+  """The run record to store: identity, budget, and the budget history (extensions are recorded)."""
+  history = list(record.get("history", []))
+  if not history or start == 0:
+    history = [{"event": "start", "step": 0, "total": total}]
+  elif stored_budget is not None and stored_budget.get("dpo.steps") != cfg.dpo.steps:
+    history.append({"event": "budget", "step": start, "total": total,
+                    "dpo.steps": [stored_budget.get("dpo.steps"), cfg.dpo.steps]})
+  flat = config_lib.flatten(cfg)
+  return {"identity": config_lib.identity(cfg), "budget": {f: flat[f] for f in config_lib.BUDGET_FIELDS},
+          "history": history, "config": flat}
 
 
 # ----------------------------------------------------------------------------- data and models
@@ -505,25 +544,3 @@ def make_policy(cfg: RunConfig, vocab_size: int):
   # which makes the first jitted step compile a second time).
   nnx.update(policy, jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), nnx.state(policy)))
   return policy
-
-
-def load_policy(path: str, *, where: str = "load_policy: `path`"):
-  """A policy model (``alignjax.models.Transformer``) from a run workdir or a model checkpoint.
-
-  ``path`` is one of: the workdir of a finished run (every run saves its final
-  policy as ``<workdir>/final_policy`` with
-  :func:`alignjax.models.checkpoint_io.save_model`); such an Orbax model
-  checkpoint itself (e.g. written by ``launch/convert.py``); or a Hugging Face
-  directory (``config.json`` + safetensors, read with :func:`alignjax.models.from_hf`).
-  """
-  path = os.path.abspath(path)
-  from alignjax.models import checkpoint_io  # pylint: disable=import-outside-toplevel
-  if os.path.isdir(os.path.join(path, FINAL_POLICY)):
-    return checkpoint_io.load_model(os.path.join(path, FINAL_POLICY))
-  if os.path.isdir(os.path.join(path, checkpoint_io.CONFIG_ITEM)):
-    return checkpoint_io.load_model(path)
-  if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
-    from alignjax.models import from_hf  # pylint: disable=import-outside-toplevel
-    return from_hf(path)
-  raise ConfigError(f"{where}: {path} is neither a finished run (no {FINAL_POLICY}/), an alignjax model checkpoint "
-                    "nor a Hugging Face model directory.")

@@ -5,11 +5,13 @@
   ``stop_gradient`` and has no optimizer state. AlignDistil's frozen teachers
   (``dpo`` and ``contrast``) use the same mechanism (:func:`teachers`).
 * ``precomputed``: one pass over a data source (:func:`precompute`) computes the
-  reference chosen/rejected sequence log-probabilities (sum and token mean) and
+  reference sequence log-probabilities (sum and token mean) of every side of the
+  batch schema (chosen/rejected, or the unpaired completion and KL rows) and
   writes them next to the data set as ``.npy`` files indexed by example index;
   later steps read them from the batch (:func:`attach` adds them by index), so no
-  reference weights are in memory. DPO-family objectives only (TDPO needs the
-  full reference distribution, AlignDistil full teacher distributions).
+  reference weights are in memory. Algorithms that need only reference
+  log-probs (``needs == "reference_logps"``; TDPO needs the full reference
+  distribution, AlignDistil full teacher distributions).
 * ``free``: reference-free, a zero reference log-prob (SimPO-style, Meng et al.
   2024, "SimPO", arXiv:2405.14734, Eq. 4 without the length margin); only for
   objectives with ``reference_free_ok``.
@@ -33,8 +35,7 @@ from flax import nnx
 from alignjax.data import batch as batch_lib
 
 MODES = ("online", "precomputed", "free", "none")
-REFERENCE_KEYS = tuple(f"reference_{side}_{kind}" for side in batch_lib.SIDES
-                       for kind in ("logps", "mean_logps"))
+REFERENCE_KEYS = batch_lib.reference_keys(batch_lib.PAIRED)
 _FILE = "{key}.npy"
 _META = "reference_logps.json"
 
@@ -92,9 +93,11 @@ def online(model: nnx.Module, *, mesh=None) -> tuple[Reference, dict[str, Any]]:
   return _freeze({"reference": model}, "online", mesh)
 
 
-def teachers(*, dpo: nnx.Module, contrast: nnx.Module, mesh=None) -> tuple[Reference, dict[str, Any]]:
-  """AlignDistil's frozen teachers: the DPO model and the contrast (reverse-DPO) model."""
-  return _freeze({"dpo": dpo, "contrast": contrast}, "online", mesh)
+def teachers(*, mesh=None, **models: nnx.Module) -> tuple[Reference, dict[str, Any]]:
+  """An algorithm's own frozen models (``Algorithm.frozen``), e.g. AlignDistil's ``dpo=`` and ``contrast=``."""
+  if not models:
+    raise ValueError("reference.teachers: pass the frozen models by name, e.g. teachers(dpo=m1, contrast=m2).")
+  return _freeze(models, "online", mesh)
 
 
 def precomputed() -> tuple[Reference, dict[str, Any]]:
@@ -112,46 +115,20 @@ def none() -> tuple[Reference, dict[str, Any]]:
   return Reference("none"), {}
 
 
-def check_compatible(ref: Reference, objective) -> None:
-  """Raises a one-line ValueError if ``objective`` cannot run under ``ref``'s mode."""
-  needs, mode, names = objective.needs, ref.mode, set(ref.graphdefs)
+def check_compatible(ref: Reference, algorithm) -> None:
+  """Raises a one-line ValueError if ``algorithm`` (an ``algorithms.Algorithm``) cannot run under ``ref``."""
+  needs, mode, names = algorithm.needs, ref.mode, set(ref.graphdefs)
   ok = {
       "reference_logps": (mode == "online" and names == {"reference"}) or mode == "precomputed"
-                         or (mode == "free" and objective.reference_free_ok),
+                         or (mode == "free" and algorithm.reference_free_ok),
       "reference_logits": mode == "online" and names == {"reference"},
-      "teachers": mode == "online" and names == {"dpo", "contrast"},
+      "teachers": mode == "online" and names == set(algorithm.frozen),
       "none": mode in ("none", "free") or (mode == "online"),
   }[needs]
   if not ok:
     raise ValueError(
-        f"reference: objective {objective.name!r} needs {needs!r}, which the reference mode "
+        f"reference: algorithm {algorithm.name!r} needs {needs!r}, which the reference mode "
         f"{mode!r} with models {sorted(names)} cannot provide.")
-
-
-def sequence_logps(ref: Reference, frozen: Mapping[str, Any], batch, *, average: bool,
-                   chunk_size: int) -> tuple[jax.Array, jax.Array]:
-  """Reference ``(chosen, rejected)`` sequence log-probs ``[B]`` under ``ref``'s mode (no gradient).
-
-  ``frozen`` holds the merged frozen models (online mode).
-  """
-  from alignjax.training import objectives  # noqa: PLC0415 (objectives imports this module lazily)
-  if ref.mode == "online":
-    tokens, attention, mask = objectives.pair_inputs(batch)
-    lp = objectives.label_logprobs(frozen["reference"], tokens, attention, chunk_size=chunk_size)
-    lp = jax.lax.stop_gradient(lp)
-    seq = objectives._reduce(lp, mask, average)
-    return batch_lib.split_pair(seq)
-  if ref.mode == "precomputed":
-    kind = "mean_logps" if average else "logps"
-    keys = [f"reference_{side}_{kind}" for side in batch_lib.SIDES]
-    missing = [k for k in keys if k not in batch]
-    if missing:
-      raise ValueError(f"reference.sequence_logps: precomputed mode needs batch keys {missing}; see reference.attach.")
-    return tuple(jax.lax.stop_gradient(jnp.asarray(batch[k], jnp.float32)) for k in keys)
-  if ref.mode == "free":
-    b = jnp.shape(batch[batch_lib.key("chosen", "tokens")])[0]
-    return jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.float32)
-  raise ValueError(f"reference.sequence_logps: mode {ref.mode!r} has no reference log-probs.")
 
 
 # ---------------------------------------------------------------- precompute
@@ -160,32 +137,38 @@ def precompute(model: nnx.Module, batches: Iterable[tuple[Any, Mapping[str, Any]
                num_examples: int, chunk_size: int = 128, mesh=None) -> dict[str, np.ndarray]:
   """One pass over ``(indices [B], batch)`` pairs: writes reference log-probs to ``out_dir``.
 
-  Writes ``{key}.npy`` for each key of :data:`REFERENCE_KEYS` (float32 ``[num_examples]``,
-  row i = example i) and ``reference_logps.json`` (which rows were filled). Rows whose
-  index is negative (padding examples) are skipped. Returns the arrays.
+  Writes ``{key}.npy`` for each key of ``batch.reference_keys`` of the batches'
+  schema and sides (:data:`REFERENCE_KEYS` for pairs; float32 ``[num_examples]``,
+  row i = example i) and ``reference_logps.json`` (which rows were filled). Rows
+  whose index is negative (padding examples) are skipped. Returns the arrays.
   """
   from alignjax.training import steps  # noqa: PLC0415
   if num_examples <= 0:
     raise ValueError(f"reference.precompute: `num_examples` must be > 0, got {num_examples}.")
   fn = steps.make_reference_logps_fn(model, chunk_size=chunk_size, mesh=mesh)
   graphdef_params = nnx.split(model, nnx.Param, ...)[1]
-  store = {k: np.full((num_examples,), np.nan, np.float32) for k in REFERENCE_KEYS}
+  store, keys = None, ()
   filled = np.zeros((num_examples,), bool)
   for indices, batch in batches:
     indices = np.asarray(indices)
-    out = jax.device_get(fn(graphdef_params, {k: batch[k] for k in batch_lib.PREFERENCE_KEYS}))
+    schema = batch_lib.detect(batch)
+    if store is None:
+      keys = batch_lib.reference_keys(schema, schema.present_sides(batch))
+      store = {k: np.full((num_examples,), np.nan, np.float32) for k in keys}
+    out = jax.device_get(fn(graphdef_params, {k: batch[k] for k in schema.keys(optional=True) if k in batch}))
     keep = indices >= 0
     if np.any(indices[keep] >= num_examples):
       raise ValueError(f"reference.precompute: example index {indices.max()} >= `num_examples` {num_examples}.")
-    for k in REFERENCE_KEYS:
+    for k in keys:
       store[k][indices[keep]] = np.asarray(out[k])[keep]
     filled[indices[keep]] = True
+  if store is None:
+    raise ValueError("reference.precompute: `batches` yielded no batch.")
   os.makedirs(out_dir, exist_ok=True)
   for k, v in store.items():
     np.save(os.path.join(out_dir, _FILE.format(key=k)), v)
   with open(os.path.join(out_dir, _META), "w") as f:
-    json.dump({"num_examples": int(num_examples), "num_filled": int(filled.sum()),
-               "keys": list(REFERENCE_KEYS)}, f)
+    json.dump({"num_examples": int(num_examples), "num_filled": int(filled.sum()), "keys": list(keys)}, f)
   return store
 
 
@@ -194,14 +177,16 @@ def load(out_dir: str) -> dict[str, np.ndarray]:
   meta_path = os.path.join(out_dir, _META)
   if not os.path.exists(meta_path):
     raise ValueError(f"reference.load: no precomputed reference log-probs in {out_dir!r} ({_META} missing).")
-  return {k: np.load(os.path.join(out_dir, _FILE.format(key=k)), mmap_mode="r") for k in REFERENCE_KEYS}
+  with open(meta_path) as f:
+    keys = json.load(f).get("keys", list(REFERENCE_KEYS))
+  return {k: np.load(os.path.join(out_dir, _FILE.format(key=k)), mmap_mode="r") for k in keys}
 
 
 def attach(batch: Mapping[str, Any], store: Mapping[str, np.ndarray], indices) -> dict[str, Any]:
   """Returns ``batch`` plus the precomputed reference keys of its examples ``indices [B]``."""
   indices = np.asarray(indices)
   out = dict(batch)
-  for k in REFERENCE_KEYS:
+  for k in store:
     vals = np.asarray(store[k])[indices]
     if np.isnan(vals).any():
       raise ValueError(f"reference.attach: `{k}` was never computed for some of examples {indices.tolist()}.")

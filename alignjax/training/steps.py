@@ -18,28 +18,30 @@ API (exact signatures)::
       parameter (same path suffix and shape) get its sharding, the rest replicated.
   update_model(model, state) -> model     writes ``state.params`` back into ``model``
 
-  make_train_step(model, tx, loss_cfg, reference, *, mesh=None, grad_accum=1,
+  make_train_step(model, tx, loss, reference, *, mesh=None, grad_accum=1,
                   max_grad_norm=None, compute_dtype=None, skip_nonfinite=False,
                   chunk_size=128, donate=True)
       -> jitted ``train_step(state, batch, frozen) -> (state, metrics)``
-  make_eval_step(model, loss_cfg, reference, *, mesh=None, compute_dtype=None,
+  make_eval_step(model, loss, reference, *, mesh=None, compute_dtype=None,
                  chunk_size=128)
       -> jitted ``eval_step(params, batch, frozen) -> metrics``
   make_reference_logps_fn(model, *, chunk_size=128, mesh=None)
-      -> jitted ``fn(params, batch) -> {reference_{chosen,rejected}_{logps,mean_logps}: [B]}``
+      -> jitted ``fn(params, batch) -> {reference_{side}_{logps,mean_logps}: [B]}`` (every side of the batch)
 
 Arguments:
   model: the policy ``nnx.Module`` (only its graph and non-parameter state are used
     by ``make_*``; remat follows the model's own config, e.g. ``ModelConfig.remat``).
   tx: an ``optax.GradientTransformation`` (schedules inside it count applied updates).
-  loss_cfg: :class:`alignjax.training.objectives.LossConfig`.
+  loss: an :class:`alignjax.training.algorithms.Loss` (``algorithms.loss(name, **hparams)``):
+    the algorithm's objective, batch schema and needs, with its hyper-parameters.
   reference: a :class:`alignjax.training.reference.Reference` (the first element of
     ``reference.online(ref_model)``, ``teachers(dpo=, contrast=)``, ``precomputed()``,
     ``free()`` or ``none()``); the second element, ``frozen`` (dict name -> nnx.State of
     frozen parameters; ``{}`` when there are none), is the step's third argument. It is
     not donated and has no optimizer state.
-  batch: the preference batch of ``alignjax.data.batch`` ([B, T] arrays; plus
-    ``reference_*`` keys in precomputed mode). ``B`` must divide by ``grad_accum``.
+  batch: a batch of the algorithm's schema (``alignjax.data.batch``: paired or
+    unpaired [B, T] arrays; plus ``reference_*`` keys in precomputed mode). ``B``
+    must divide by ``grad_accum``.
   mesh: ``jax.sharding.Mesh`` (axes data/fsdp/tensor) or None for one device; with a
     mesh the state is sharded with the rule table and the batch over ``batch_sharding``.
   grad_accum: micro-batches per step (``lax.scan``; equals one big batch exactly:
@@ -67,8 +69,9 @@ import optax
 from flax import nnx
 
 from alignjax.data import batch as batch_lib
-from alignjax.training import objectives as objectives_lib
+from alignjax.training import algorithms
 from alignjax.training import reference as reference_lib
+from alignjax.training.algorithms import base as algo_base
 
 
 class TrainState(NamedTuple):
@@ -178,29 +181,42 @@ def _frozen_shardings(reference, mesh):
   return dict(shardings) if shardings else None
 
 
-def _loss_terms(graphdef, rest, cfg, reference, objective, cast, chunk_size):
+def _loss_terms(graphdef, rest, loss, reference, cast, chunk_size):
   """``fn(params, batch, frozen) -> (sum(w l), (sum(w), per-example metrics))``."""
 
   def fn(params, batch, frozen):
     p = cast(params) if cast is not None else params
     policy = nnx.merge(graphdef, p, rest)
     frozen_models = reference.merge(frozen, cast)
-    ctx = objectives_lib.Context(policy, frozen_models, reference, chunk_size)
-    out = objective.fn(cfg, ctx, batch)
+    ctx = algorithms.Context(policy, frozen_models, reference, chunk_size)
+    out = loss.algorithm.objective(loss.hparams, ctx, batch)
     w = out.weights.astype(jnp.float32)
     return jnp.sum(out.losses * w), (jnp.sum(w), out.metrics)
   return fn
 
 
-def _tokens(batch):
-  return sum(jnp.sum(jnp.asarray(batch[batch_lib.key(s, "attention")]).astype(jnp.float32))
-             for s in batch_lib.SIDES)
+def _schema(loss, batch) -> batch_lib.Schema:
+  return loss.algorithm.batch_schema or batch_lib.detect(batch)
+
+
+def _tokens(schema, batch):
+  return sum(jnp.sum(jnp.asarray(batch[f"{s}_attention"]).astype(jnp.float32))
+             for s in schema.present_sides(batch))
+
+
+def _check_loss(fn: str, loss, reference) -> None:
+  if not isinstance(loss, algorithms.Loss):
+    raise TypeError(f"{fn}: `loss` must be an algorithms.Loss (algorithms.loss(name, **hparams)), "
+                    f"got {type(loss).__name__}.")
+  if not isinstance(reference, reference_lib.Reference):
+    raise TypeError(f"{fn}: `reference` must be a reference.Reference, got {type(reference).__name__}.")
+  reference_lib.check_compatible(reference, loss.algorithm)
 
 
 def make_train_step(
     model: nnx.Module,
     tx: optax.GradientTransformation,
-    loss_cfg: objectives_lib.LossConfig,
+    loss: algorithms.Loss,
     reference: reference_lib.Reference,
     *,
     mesh=None,
@@ -212,26 +228,23 @@ def make_train_step(
     donate: bool = True,
 ):
   """Jitted ``train_step(state, batch, frozen) -> (state, metrics)``; see the module docstring."""
-  if not isinstance(loss_cfg, objectives_lib.LossConfig):
-    raise TypeError(f"make_train_step: `loss_cfg` must be an objectives.LossConfig, got {type(loss_cfg).__name__}.")
-  if not isinstance(reference, reference_lib.Reference):
-    raise TypeError(f"make_train_step: `reference` must be a reference.Reference, got {type(reference).__name__}.")
+  _check_loss("make_train_step", loss, reference)
   if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
     raise ValueError(f"make_train_step: `grad_accum` must be an int >= 1, got {grad_accum!r}.")
   if max_grad_norm is not None and not max_grad_norm > 0:
     raise ValueError(f"make_train_step: `max_grad_norm` must be > 0 or None, got {max_grad_norm}.")
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"make_train_step: `chunk_size` must be a positive int, got {chunk_size!r}.")
-  objective = objectives_lib.get(loss_cfg.name)
-  reference_lib.check_compatible(reference, objective)
   graphdef, _, rest = _split(model)
   cast = _caster(compute_dtype)
-  terms = _loss_terms(graphdef, rest, loss_cfg, reference, objective, cast, chunk_size)
+  objective_loss = loss
+  terms = _loss_terms(graphdef, rest, loss, reference, cast, chunk_size)
   grad_fn = jax.value_and_grad(terms, has_aux=True)
   k = grad_accum
 
   def train_step(state: TrainState, batch, frozen):
-    b, _ = batch_lib.check_preference_batch(batch)
+    schema = _schema(objective_loss, batch)
+    b, _ = batch_lib.check_batch(batch, schema)
     if b % k:
       raise ValueError(f"train_step: batch size {b} must be divisible by `grad_accum` {k}.")
     batch = {name: jnp.asarray(v) for name, v in batch.items()}
@@ -269,7 +282,7 @@ def make_train_step(
       skipped = skipped + (~finite).astype(jnp.int32)
     new_state = TrainState(state.step + 1, params, opt_state, skipped)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite, skipped=skipped,
-                   tokens=_tokens(batch), step=new_state.step)
+                   tokens=_tokens(schema, batch), step=new_state.step)
     return new_state, metrics
 
   jit_kwargs = {"donate_argnums": (0,) if donate else ()}
@@ -283,7 +296,7 @@ def make_train_step(
 
 def make_eval_step(
     model: nnx.Module,
-    loss_cfg: objectives_lib.LossConfig,
+    loss: algorithms.Loss,
     reference: reference_lib.Reference,
     *,
     mesh=None,
@@ -291,16 +304,16 @@ def make_eval_step(
     chunk_size: int = 128,
 ):
   """Jitted ``eval_step(params, batch, frozen) -> metrics`` (``loss`` and the objective's metrics)."""
-  objective = objectives_lib.get(loss_cfg.name)
-  reference_lib.check_compatible(reference, objective)
+  _check_loss("make_eval_step", loss, reference)
   graphdef, _, rest = _split(model)
-  terms = _loss_terms(graphdef, rest, loss_cfg, reference, objective, _caster(compute_dtype), chunk_size)
+  terms = _loss_terms(graphdef, rest, loss, reference, _caster(compute_dtype), chunk_size)
 
   def eval_step(params, batch, frozen):
-    batch_lib.check_preference_batch(batch)
+    schema = _schema(loss, batch)
+    batch_lib.check_batch(batch, schema)
     lw, (w, metrics) = terms(params, dict(batch), frozen)
     metrics = jax.tree.map(jnp.mean, metrics)
-    return dict(metrics, loss=lw / jnp.maximum(w, 1e-12), tokens=_tokens(batch))
+    return dict(metrics, loss=lw / jnp.maximum(w, 1e-12), tokens=_tokens(schema, batch))
 
   kwargs = {}
   if mesh is not None:
@@ -318,12 +331,12 @@ def make_reference_logps_fn(model: nnx.Module, *, chunk_size: int = 128, mesh=No
 
   def fn(params, batch):
     m = nnx.merge(graphdef, params, rest)
-    tokens, attention, mask = objectives_lib.pair_inputs(batch)
-    lp = objectives_lib.label_logprobs(m, tokens, attention, chunk_size=chunk_size)
+    sides = batch_lib.detect(batch).present_sides(batch)
+    lp, mask, _ = algo_base.sequence_logps(m, batch, sides, average=False, chunk_size=chunk_size)
     out = {}
     for kind, average in (("logps", False), ("mean_logps", True)):
-      c, r = batch_lib.split_pair(objectives_lib._reduce(lp, mask, average))
-      out[f"reference_chosen_{kind}"], out[f"reference_rejected_{kind}"] = c, r
+      for side, x in zip(sides, batch_lib.split_sides(algo_base.reduce(lp, mask, average), len(sides))):
+        out[f"reference_{side}_{kind}"] = x
     return out
 
   kwargs = {}

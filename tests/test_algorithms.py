@@ -1,4 +1,4 @@
-"""Tests for alignjax.training.objectives: the loss table and LossConfig.
+"""Tests for alignjax.training.algorithms: the registry, hyper-parameters and objectives.
 
 Independent references: float64 NumPy equations (tests/numpy_reference.py for
 DPO/cDPO/robust/GPO/TDPO1; an inline float64 NumPy of DESIGN.md's AlignDistil
@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from alignjax import losses as L
-from alignjax.training import objectives, reference, steps
+from alignjax.training import algorithms, reference, steps
 from tests import numpy_reference as ref_np
 from tests.test_steps import make_batch, numpy_loss, plain_logits, tiny_model
 
@@ -35,39 +35,41 @@ def _params(model):
 
 def test_every_name_builds_and_declares_needs():
   expected = set(SEQUENCE_NAMES) | {"tdpo1", "tdpo2", "aligndistil", "sft"}
-  assert set(objectives.OBJECTIVES) == expected
-  for name, objective in objectives.OBJECTIVES.items():
-    cfg = objectives.LossConfig(name=name)
-    assert cfg.objective is objective and objective.name == name
-    assert objective.needs in objectives.NEEDS
+  assert expected <= set(algorithms.names())
+  for name in algorithms.names():
+    algo = algorithms.get(name)
+    loss = algorithms.loss(name)
+    assert loss.algorithm is algo and algo.name == name and isinstance(loss.hparams, algo.hparams)
+    assert algo.needs in algorithms.NEEDS and algo.schema in algorithms.SCHEMAS
 
 
 def test_unknown_name_lists_valid_names():
   with pytest.raises(ValueError) as err:
-    objectives.LossConfig(name="orpo")
+    algorithms.loss("no_such_method")
   message = str(err.value)
   assert "\n" not in message and "`name`" in message
-  for name in objectives.OBJECTIVES:
+  for name in algorithms.names():
     assert repr(name) in message
   with pytest.raises(ValueError, match="'tdpo1'"):
-    objectives.get("kto")
+    algorithms.get("kto_v9")
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"beta": 0.0}, "beta"),
-    ({"name": "ipo", "label_smoothing": 0.1}, "label_smoothing"),
-    ({"robust": True, "label_smoothing": 0.5}, "label_smoothing"),
-    ({"label_smoothing": -0.1}, "label_smoothing"),
-    ({"alpha": -1.0}, "alpha"),
-    ({"name": "aligndistil", "beta2": 0.0}, "beta2"),
-    ({"name": "aligndistil", "mode": "theorem2"}, "mode"),
-    ({"temperature": 0.0}, "temperature"),
+@pytest.mark.parametrize("name, kwargs, field", [
+    ("dpo", {"beta": 0.0}, "beta"),
+    ("ipo", {"label_smoothing": 0.1}, "label_smoothing"),
+    ("dpo", {"robust": True, "label_smoothing": 0.5}, "label_smoothing"),
+    ("dpo", {"label_smoothing": -0.1}, "label_smoothing"),
+    ("tdpo2", {"alpha": -1.0}, "alpha"),
+    ("aligndistil", {"beta2": 0.0}, "beta2"),
+    ("aligndistil", {"mode": "theorem2"}, "mode"),
+    ("aligndistil", {"temperature": 0.0}, "temperature"),
 ])
-def test_invalid_fields_raise_naming_the_field(kwargs, field):
-  with pytest.raises(ValueError, match=f"`{field}`"):
-    objectives.LossConfig(**kwargs)
-  with pytest.raises(ValueError, match="unknown keys"):
-    objectives.LossConfig.from_mapping({"name": "dpo", "betta": 0.1})
+def test_invalid_fields_raise_naming_the_field(name, kwargs, field):
+  with pytest.raises(ValueError, match=field) as err:
+    algorithms.loss(name, **kwargs)
+  assert "\n" not in str(err.value)
+  with pytest.raises(ValueError, match="betta"):
+    algorithms.loss("dpo", betta=0.1)
 
 
 CASES = [(n, {}) for n in SEQUENCE_NAMES] + [
@@ -91,11 +93,11 @@ def table_losses(models, batch):
   def run():
     out = {}
     for name, extra in CASES:
-      cfg = objectives.LossConfig(name=name, beta=BETA, **extra)
+      loss = algorithms.loss(name, **({} if name == "sft" else {"beta": BETA}), **extra)
       spec, frozen = ((teacher_spec, {"dpo": m1, "contrast": m2}) if name == "aligndistil"
                       else (ref_spec, {"reference": m1}))
-      ctx = objectives.Context(policy, frozen, spec, 4)
-      o = cfg.objective.fn(cfg, ctx, batch)
+      ctx = algorithms.Context(policy, frozen, spec, 4)
+      o = loss.algorithm.objective(loss.hparams, ctx, batch)
       out[_case_id(name, extra)] = jnp.sum(o.losses * o.weights) / jnp.sum(o.weights)
     return out
   return {k: float(v) for k, v in jax.jit(run)().items()}
