@@ -22,6 +22,7 @@ import math
 import re
 from typing import Any, Iterable, Mapping
 
+from alignjax import configs
 from alignjax.training import algorithms
 
 __all__ = [
@@ -314,105 +315,20 @@ def field_help() -> str:
 
 # ----------------------------------------------------------------------------- building
 
-def _coerce(path: str, value: Any, default: Any) -> Any:
-  """Checks ``value`` has the type of the field's ``default``."""
-  where = f"config.{path}"
-  if isinstance(default, bool):
-    if not isinstance(value, bool):
-      raise ConfigError(f"{where} must be a bool (True/False), got {value!r}.")
-    return value
-  if isinstance(default, int):
-    if isinstance(value, bool) or not isinstance(value, int):
-      if isinstance(value, float) and value.is_integer():
-        return int(value)
-      raise ConfigError(f"{where} must be an integer, got {value!r}.")
-    return value
-  if isinstance(default, float):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise ConfigError(f"{where} must be a number, got {value!r}.")
-    value = float(value)
-    if math.isnan(value):
-      raise ConfigError(f"{where} must be a number, got nan.")
-    return value
-  if isinstance(default, str):
-    if not isinstance(value, str):
-      raise ConfigError(f"{where} must be a string, got {value!r}.")
-    return value
-  return value
-
-
-def _build_section(cls, default_obj, mapping: Mapping[str, Any], prefix: str):
-  known = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(mapping) - set(known))
-  if unknown:
-    where = f"config.{prefix}" if prefix else "config"
-    raise ConfigError(
-        f"{where}: unknown field(s) {unknown}; expected a subset of {sorted(known)} "
-        "(see --config_help).")
-  kwargs = {}
-  for name, f in known.items():
-    default = getattr(default_obj, name)
-    if name not in mapping:
-      kwargs[name] = default
-      continue
-    value = mapping[name]
-    if dataclasses.is_dataclass(default):
-      if hasattr(value, "to_dict"):
-        value = value.to_dict()
-      if not isinstance(value, Mapping):
-        raise ConfigError(f"config.{prefix}{name} must be a section (mapping), got {value!r}.")
-      kwargs[name] = _build_section(type(default), default, value, f"{prefix}{name}.")
-    else:
-      kwargs[name] = _coerce(prefix + name, value, default)
-  return cls(**kwargs)
-
-
 def build(config: Any = None, **overrides: Any) -> RunConfig:
   """A validated :class:`RunConfig` from a ``ConfigDict``/mapping (missing fields: defaults).
 
   ``overrides`` are dotted field names (``build(cd, **{"loss.beta": 0.2})``).
-  Raises :class:`ConfigError` (one line) on any invalid field.
+  Types are checked by :func:`alignjax.configs.build_dataclass`; raises
+  :class:`ConfigError` (one line) on any invalid field.
   """
-  if config is None:
-    mapping: dict[str, Any] = {}
-  elif isinstance(config, RunConfig):
-    mapping = _nested(flatten(config))
-  elif hasattr(config, "to_dict"):
-    mapping = config.to_dict()
-  elif isinstance(config, Mapping):
-    mapping = dict(config)
-  else:
-    raise ConfigError(f"build: `config` must be a ConfigDict, a mapping or a RunConfig, got {type(config).__name__}.")
-  if overrides:
-    flat = _flatten_mapping(mapping)
-    flat.update(overrides)
-    mapping = _nested(flat)
-  cfg = _build_section(RunConfig, RunConfig(), mapping, "")
+  cfg = configs.build_dataclass(RunConfig, config, overrides=overrides, error=ConfigError,
+                                hint=" (see --config_help)")
   validate(cfg)
   return cfg
 
 
-def _flatten_mapping(m: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in m.items():
-    if hasattr(v, "to_dict"):
-      v = v.to_dict()
-    if isinstance(v, Mapping):
-      out.update(_flatten_mapping(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
-def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for k, v in flat.items():
-    node = out
-    *path, last = k.split(".")
-    for p in path:
-      node = node.setdefault(p, {})
-    node[last] = v
-  return out
+_nested = configs.nested
 
 
 def replace(cfg: RunConfig, **dotted: Any) -> RunConfig:
