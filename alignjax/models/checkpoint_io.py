@@ -79,10 +79,14 @@ def save_model(model, directory: str, *, force: bool = False) -> str:
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and not force:
     raise ValueError(f"save_model: `directory` {directory} exists; pass force=True to overwrite.")
+  config = model.config  # kept as is (a scanned model's config says scan_layers=True)
+  if getattr(config, "scan_layers", False):  # on disk, parameters stay per layer
+    from alignjax.models.transformer import unstack_layers
+    model = unstack_layers(model)
   params = nnx.state(model, nnx.Param)
   args = ocp.args.Composite(**{
       PARAMS_ITEM: ocp.args.StandardSave(params),
-      CONFIG_ITEM: ocp.args.JsonSave(config_to_dict(model.config)),
+      CONFIG_ITEM: ocp.args.JsonSave(config_to_dict(config)),
   })
   with _checkpointer() as ckptr:
     ckptr.save(directory, args=args, force=force)
@@ -100,7 +104,7 @@ def load_config(directory: str):
   return config_from_dict(restored[CONFIG_ITEM])
 
 
-def load_model(directory: str, *, dtype=None, param_dtype=None, mesh=None):
+def load_model(directory: str, *, dtype=None, param_dtype=None, mesh=None, scan_layers=None):
   """Rebuilds the model saved by :func:`save_model`.
 
   Args:
@@ -111,11 +115,14 @@ def load_model(directory: str, *, dtype=None, param_dtype=None, mesh=None):
     mesh: optional ``jax.sharding.Mesh`` (axes data/fsdp/tensor): each
       parameter is restored directly onto its shards (``sharding.model_shardings``);
       in a multi-process run each process reads only its own shards.
+    scan_layers: build the model with stacked, scanned layers (True) or per-layer (False);
+      default: the stored config's. Checkpoints hold per-layer parameters either way; a
+      scanned model is restored per layer and then stacked.
 
   Returns:
     An ``alignjax.models.Transformer``.
   """
-  from alignjax.models.transformer import Transformer
+  from alignjax.models.transformer import Transformer, stack_layers
 
   fn = "load_model"
   dtype = None if dtype is None else dtype_name(dtype, where=f"{fn}: `dtype`")
@@ -126,8 +133,14 @@ def load_model(directory: str, *, dtype=None, param_dtype=None, mesh=None):
     changes["dtype"] = dtype
   if param_dtype is not None:
     changes["param_dtype"] = param_dtype
+  if scan_layers is not None:
+    if not isinstance(scan_layers, bool):
+      raise ValueError(f"{fn}: `scan_layers` must be a bool or None, got {scan_layers!r}.")
+    changes["scan_layers"] = scan_layers
   if changes:
     config = dataclasses.replace(config, **changes)
+  scan = config.scan_layers
+  config = dataclasses.replace(config, scan_layers=False)  # the on-disk layout
 
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -155,7 +168,8 @@ def load_model(directory: str, *, dtype=None, param_dtype=None, mesh=None):
         directory, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
   if jax.tree_util.tree_leaves(rest):
     raise ValueError(f"{fn}: the model has non-parameter state, which model checkpoints do not hold.")
-  return nnx.merge(graphdef, restored[PARAMS_ITEM], rest)
+  model = nnx.merge(graphdef, restored[PARAMS_ITEM], rest)
+  return stack_layers(model) if scan else model
 
 
 def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:

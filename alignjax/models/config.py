@@ -76,6 +76,9 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  # Layers: False -> one module per layer; True -> block parameters stacked along a leading
+  # "layers" axis and run under `nnx.scan` (compile time and HLO size independent of depth).
+  scan_layers: bool = False
 
   def __post_init__(self):
     where = "ModelConfig"
@@ -98,6 +101,8 @@ class ModelConfig:
       raise ValueError(f"{where}: `head_dim` must be even for rotary embeddings, got {self.head_dim}.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"{where}: `remat` must be one of {REMAT_POLICIES}, got {self.remat!r}.")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"{where}: `scan_layers` must be a bool, got {self.scan_layers!r}.")
     object.__setattr__(self, "dtype", dtype_name(self.dtype, where=f"{where}.dtype"))
     object.__setattr__(self, "param_dtype", dtype_name(self.param_dtype, where=f"{where}.param_dtype"))
     if self.layer_types is not None:

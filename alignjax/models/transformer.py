@@ -46,7 +46,8 @@ def _param(rngs: nnx.Rngs | None, shape, names, dtype, *, init: str = "normal", 
 class KVCache(NamedTuple):
   """Static-shape KV cache.
 
-  k, v: tuples (one entry per layer) of [B, S, Hkv, Dh] arrays in the compute dtype;
+  k, v: tuples (one entry per layer) of [B, S, Hkv, Dh] arrays in the compute dtype, or,
+  for a model with ``scan_layers``, one stacked [L, B, S, Hkv, Dh] array each;
   positions [B, S] int32 (position of each written slot); valid [B, S] bool (slot holds a
   real token); length: int32 scalar, slots written so far (same for every row).
   """
@@ -256,6 +257,26 @@ def _run_block(block, x, positions, key_mask):
   return block(x, positions, key_mask)[0]
 
 
+# nnx.vmap / nnx.scan insert (and remove) the logical axis "layers" in each stacked
+# parameter's `out_sharding`; the rule table keeps it unsharded.
+_LAYERS_AXIS = {nnx.PARTITION_NAME: "layers"}
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """One Block whose parameters carry a leading [num_layers] axis (as MaxText's scanned layers).
+
+  Each layer draws its own initial values (one key per layer from ``rngs.params()``). A
+  block's sliding window is not a parameter: the forward pass selects each layer's key mask.
+  """
+  keys = jax.random.split(rngs.params(), cfg.num_layers)
+
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=_LAYERS_AXIS)
+  def create(key):
+    return Block(cfg, 0, rngs=nnx.Rngs(params=key))
+
+  return create(keys)
+
+
 # ---------------------------------------------------------------------------- model
 class Transformer(nnx.Module):
   """Decoder-only transformer for every family in `ModelConfig.family`.
@@ -273,7 +294,10 @@ class Transformer(nnx.Module):
     self.embed = _param(rngs, (V, D), ("vocab", "embed"), pdt)
     self.pos_embed = (_param(rngs, (cfg.max_position_embeddings, D), ("positions", "embed"), pdt)
                       if cfg.learned_positions else None)
-    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.layers = _stacked_blocks(cfg, rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = Norm(D, cfg)
     self.lm_head = None if cfg.tie_embeddings else _param(rngs, (D, V), ("embed", "vocab"), pdt)
 
@@ -294,8 +318,13 @@ class Transformer(nnx.Module):
     cfg = self.config
     shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
     dt = jnp.dtype(cfg.dtype)
-    zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
-    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+    if cfg.scan_layers:
+      k = jnp.zeros((cfg.num_layers,) + shape, dt)
+      v = jnp.zeros((cfg.num_layers,) + shape, dt)
+    else:
+      k = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+      v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+    return KVCache(k=k, v=v,
                    positions=jnp.zeros((batch_size, max_len), jnp.int32),
                    valid=jnp.zeros((batch_size, max_len), bool),
                    length=jnp.zeros((), jnp.int32))
@@ -371,7 +400,9 @@ class Transformer(nnx.Module):
 
     x = self.embed_tokens(tokens, positions)
     new_k, new_v = [], []
-    for i, block in enumerate(self.layers):
+    if cfg.scan_layers:
+      x, new_k, new_v = self._scanned(x, positions, key_masks, cache, cache_index)
+    for i, block in enumerate(() if cfg.scan_layers else self.layers):
       key_mask = key_masks[cfg.layer_window(i)]
       if cache is None:
         if cfg.remat != "none":
@@ -387,6 +418,111 @@ class Transformer(nnx.Module):
     out = x if return_hidden else self.unembed(x)
     if cache is None:
       return out
-    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), positions=k_pos, valid=k_valid,
+    if not cfg.scan_layers:
+      new_k, new_v = tuple(new_k), tuple(new_v)
+    new_cache = KVCache(k=new_k, v=new_v, positions=k_pos, valid=k_valid,
                         length=(cache.length + T).astype(jnp.int32))
     return out, new_cache
+
+  def _scanned(self, x, positions, key_masks, cache, cache_index):
+    """The blocks under one `nnx.scan` over the stacked parameters: (x, new_k, new_v).
+
+    Each layer's key mask is picked from the distinct window masks by a per-layer index
+    (Gemma 2 alternates sliding and full layers). With a cache, the stacked [L,B,S,K,Dh]
+    k/v arrays ride in the carry and only the new tokens' slots are written per layer.
+    """
+    cfg = self.config
+    L = cfg.num_layers
+    windows = [cfg.layer_window(i) for i in range(L)]
+    distinct = sorted(set(windows), key=lambda w: -1 if w is None else w)
+    masks = jnp.stack([key_masks[w] for w in distinct])  # [W,B,T,S]
+    which = jnp.asarray([distinct.index(w) for w in windows], jnp.int32)
+    policy = cfg.remat
+
+    if cache is None:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0, None, None), out_axes=nnx.Carry,
+                transform_metadata=_LAYERS_AXIS, graph=False)
+      def run(h, block, w, pos, masks):
+        if policy != "none":
+          return nnx.remat(_run_block, policy=_REMAT[policy])(block, h, pos, masks[w])
+        return block(h, pos, masks[w])[0]
+
+      return run(x, self.layers, which, positions, masks), None, None
+
+    if not isinstance(cache.k, jax.Array) or cache.k.ndim != 5:
+      raise ValueError("Transformer: a scan_layers model needs a stacked cache (k, v of shape "
+                       "[L, B, S, K, Dh]) from its own `init_cache`.")
+    T = x.shape[1]
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, None, None, None), out_axes=nnx.Carry,
+              transform_metadata=_LAYERS_AXIS, graph=False)
+    def run_cached(carry, block, w, layer, pos, masks, index):
+      h, ck, cv = carry
+      h, (k, v) = block(h, pos, masks[w], (ck[layer], cv[layer]), index)
+      k_new = jax.lax.dynamic_slice_in_dim(k, index, T, axis=1)[None]
+      v_new = jax.lax.dynamic_slice_in_dim(v, index, T, axis=1)[None]
+      ck = jax.lax.dynamic_update_slice(ck, k_new.astype(ck.dtype), (layer, 0, index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v_new.astype(cv.dtype), (layer, 0, index, 0, 0))
+      return h, ck, cv
+
+    x, ck, cv = run_cached((x, cache.k, cache.v), self.layers, which,
+                           jnp.arange(L, dtype=jnp.int32), positions, masks, cache_index)
+    return x, ck, cv
+
+
+# ---------------------------------------------------------------------------- layouts
+def _walk_params(model: nnx.Module):
+  """(path tuple, Variable) of every nnx.Variable of `model`."""
+  return [(tuple(p), v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)]
+
+
+def _get_var(model, path):
+  obj = model
+  for key in path:
+    obj = obj[key] if isinstance(key, int) else getattr(obj, key)
+  return obj
+
+
+def stack_layers(model: Transformer) -> Transformer:
+  """The same weights as a ``scan_layers`` model (per-layer parameters stacked on axis 0).
+
+  A new model is returned (the per-layer arrays are copied into the stacked ones, keeping
+  the sharding the rule table gives a stacked parameter when the inputs were sharded).
+  """
+  return _relayout(model, scan=True, where="stack_layers")
+
+
+def unstack_layers(model: Transformer) -> Transformer:
+  """The same weights as a per-layer model (the inverse of :func:`stack_layers`)."""
+  return _relayout(model, scan=False, where="unstack_layers")
+
+
+def _relayout(model, *, scan: bool, where: str):
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  cfg = getattr(model, "config", None)
+  if not isinstance(cfg, ModelConfig):
+    raise TypeError(f"{where}: `model` must be an alignjax Transformer, got {type(model).__name__}.")
+  if cfg.scan_layers == scan:
+    return model
+  new_cfg = dataclasses.replace(cfg, scan_layers=scan)
+  out = nnx.eval_shape(lambda: type(model)(new_cfg, rngs=nnx.Rngs(0)))
+  L = cfg.num_layers
+  for path, var in _walk_params(out):
+    if path[0] != "layers":
+      value = _get_var(model, path).get_value()
+    elif scan:  # ("layers", *rest) <- stack of ("layers", i, *rest)
+      parts = [_get_var(model, ("layers", i) + path[1:]).get_value() for i in range(L)]
+      value = jnp.stack(parts)
+      src = parts[0].sharding if isinstance(parts[0], jax.Array) else None
+      if isinstance(src, jax.sharding.NamedSharding):
+        spec = jax.sharding.PartitionSpec(None, *src.spec)
+        value = jax.device_put(value, jax.sharding.NamedSharding(src.mesh, spec))
+    else:  # ("layers", i, *rest) <- row i of ("layers", *rest)
+      stacked = _get_var(model, ("layers",) + path[2:]).get_value()
+      value = stacked[path[1]]
+      src = stacked.sharding if isinstance(stacked, jax.Array) else None
+      if isinstance(src, jax.sharding.NamedSharding):
+        spec = jax.sharding.PartitionSpec(*tuple(src.spec)[1:])
+        value = jax.device_put(value, jax.sharding.NamedSharding(src.mesh, spec))
+    var.set_value(value)
+  return out
