@@ -3,7 +3,7 @@ r"""The AlignDistil pipeline (Zhang et al. 2025, arXiv:2503.02832): SFT -> DPO, 
 ``get_config(arg)``, with ``arg`` after the colon of ``--config=configs/aligndistil.py:<arg>``:
 
 * ``""`` (no colon) or ``"test"``: the whole pipeline, a
-  :class:`alignjax.training.aligndistil_pipeline.PipelineConfig`, for ``launch/pipeline.py``
+  :class:`alignjax.study.aligndistil.PipelineConfig`, for ``launch/pipeline.py``
   (``test``: the test-sized pipeline the tests and the Colab notebook run, ~1-2 min on 2 CPU cores);
 * ``"<stage>"`` or ``"test-<stage>"`` with ``<stage>`` one of ``sft``, ``dpo``, ``rdpo``,
   ``offpolicy``, ``onpolicy``: that stage's training config for ``launch/train.py``, whose
@@ -24,7 +24,7 @@ import dataclasses
 
 import ml_collections
 
-from alignjax.training import aligndistil_pipeline as pipeline
+from alignjax.study import aligndistil as pipeline
 from alignjax.training import config as config_lib
 
 # Test-sized pipeline. The tiny DPO and reverse-DPO models end up far apart

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _CONFIG = common.define_config_file(
     "config", str(ROOT / "configs" / "aligndistil.py"),
-    "Pipeline configuration file (fields of alignjax.training.aligndistil_pipeline.PipelineConfig).")
+    "Pipeline configuration file (fields of alignjax.study.aligndistil.PipelineConfig).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/aligndistil", "Directory for data sets, stage runs, evaluations, results.")
 _STAGES = flags.DEFINE_list("stages", [], "Run the stages up to the last of these (default: all): "
                             "data, sft, preferences, dpo, rdpo, offpolicy, onpolicy.")
@@ -34,7 +34,7 @@ _STAGES = flags.DEFINE_list("stages", [], "Run the stages up to the last of thes
 
 def main(argv):
   del argv
-  from alignjax.training import aligndistil_pipeline as pipeline  # pylint: disable=import-outside-toplevel
+  from alignjax.study import aligndistil as pipeline  # pylint: disable=import-outside-toplevel
   from alignjax.training import loop  # pylint: disable=import-outside-toplevel
   from alignjax.training import run as run_lib  # pylint: disable=import-outside-toplevel
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _test_config(**overrides):
-  from alignjax.training import aligndistil_pipeline as pipeline
+  from alignjax.study import aligndistil as pipeline
   from configs import aligndistil
   return pipeline.build(aligndistil.get_config("test"), **overrides)
 
@@ -34,7 +34,7 @@ def _test_config(**overrides):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """The test-sized pipeline, run in two calls: up to DPO, then (after a refused stage) to the end."""
-  from alignjax.training import aligndistil_pipeline as pipeline
+  from alignjax.study import aligndistil as pipeline
   from alignjax.training import config as config_lib
   from alignjax.training import loop
 
@@ -68,7 +68,7 @@ def test_stages_run_in_order_each_once_and_a_rerun_skips_finished_stages(run):
   assert list(_rows(second)) == ["sft", "dpo", "rdpo", "offpolicy", "onpolicy"]
   with open(second["results"]) as f:
     assert [json.loads(line)["stage"] for line in f] == list(_rows(second))
-  from alignjax.training import aligndistil_pipeline as pipeline
+  from alignjax.study import aligndistil as pipeline
   again = pipeline.run_pipeline(cfg, workdir=workdir, train_fn=lambda c, *, workdir: calls.append(workdir),
                                 progress=False)
   assert len(calls) == 5 and again["trained"] == [] and again["evaluated"] == []
@@ -160,7 +160,7 @@ def test_distilled_students_gold_reward_beats_the_sft_model(run):
 
 
 def _offpolicy_fields(workdir, **extra):
-  from alignjax.training import aligndistil_pipeline as pipeline
+  from alignjax.study import aligndistil as pipeline
   fields = pipeline.stage_fields(_test_config(), "offpolicy", workdir)
   fields.update(extra)
   return fields
@@ -199,7 +199,7 @@ def test_missing_contrast_and_vocabulary_mismatch_fail_at_config_build(run, tmp_
 
 
 def test_pipeline_config_errors_are_one_line():
-  from alignjax.training import aligndistil_pipeline as pipeline
+  from alignjax.study import aligndistil as pipeline
   for kwargs, match in [(dict(beta2_offpolicy=0.0), "beta2_offpolicy"), (dict(beta2_onpolicy=-1.0), "beta2_onpolicy"),
                         (dict(mode="nope"), "mode"), (dict(bogus=1), "unknown field")]:
     with pytest.raises(pipeline.PipelineError, match=match) as e:

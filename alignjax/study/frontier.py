@@ -38,15 +38,13 @@ resumes from its checkpoint, and an evaluation already on disk is reused.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import sys
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
-import numpy as np
-
+from alignjax import configs
+from alignjax.study import stages
 from alignjax.training.config import ConfigError
 
 __all__ = ["METHODS", "methods", "RunSpec", "StudyConfig", "StudyError", "build", "plan_runs", "run_config", "run_study"]
@@ -123,9 +121,7 @@ class StudyConfig:
 
   @property
   def task(self):
-    from alignjax.data.reviews import ReviewsTask  # pylint: disable=import-outside-toplevel
-    return ReviewsTask(num_topics=self.num_topics, min_len=self.min_len, max_len=self.max_len,
-                       sentiment_rate=self.sentiment_rate)
+    return stages.reviews_task(self)
 
   @property
   def all_dpo_betas(self) -> tuple:
@@ -148,80 +144,24 @@ def _check(ok: bool, msg: str) -> None:
     raise StudyError(msg)
 
 
-def _as_tuple(name: str, v) -> tuple:
-  if isinstance(v, (int, float, str)):
-    v = (v,)
-  try:
-    return tuple(v)
-  except TypeError:
-    raise StudyError(f"study config `{name}` must be a sequence, got {v!r}.") from None
-
-
 def build(config: Any = None, **overrides: Any) -> StudyConfig:
   """A validated :class:`StudyConfig` from a ``ConfigDict``/mapping (missing fields: defaults).
 
-  Raises :class:`StudyError` (one line) on an unknown or invalid field.
+  Types are checked by :func:`alignjax.configs.build_dataclass`; raises
+  :class:`StudyError` (one line) on an unknown or invalid field.
   """
-  if config is None:
-    mapping: dict = {}
-  elif isinstance(config, StudyConfig):
-    mapping = dataclasses.asdict(config)
-  elif hasattr(config, "to_dict"):
-    mapping = config.to_dict()
-  elif isinstance(config, Mapping):
-    mapping = dict(config)
-  else:
-    raise StudyError(f"build: `config` must be a ConfigDict, a mapping or a StudyConfig, got {type(config).__name__}.")
-  mapping.update(overrides)
-  fields = {f.name: f for f in dataclasses.fields(StudyConfig)}
-  unknown = sorted(set(mapping) - set(fields))
-  _check(not unknown, f"study config: unknown field(s) {unknown}; expected a subset of {sorted(fields)}.")
-  kwargs = {}
-  default = StudyConfig()
-  for name, value in mapping.items():
-    d = getattr(default, name)
-    if isinstance(d, tuple):
-      value = _as_tuple(name, value)
-    elif isinstance(d, bool):
-      _check(isinstance(value, bool), f"study config `{name}` must be a bool, got {value!r}.")
-    elif isinstance(d, int):
-      _check(isinstance(value, (int, np.integer)) and not isinstance(value, bool),
-             f"study config `{name}` must be an integer, got {value!r}.")
-      value = int(value)
-    elif isinstance(d, float):
-      _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-             f"study config `{name}` must be a finite number, got {value!r}.")
-      value = float(value)
-    elif isinstance(d, str):
-      _check(isinstance(value, str), f"study config `{name}` must be a string, got {value!r}.")
-    kwargs[name] = value
-  cfg = StudyConfig(**kwargs)
+  cfg = configs.build_dataclass(StudyConfig, config, overrides=overrides, error=StudyError, finite=True)
   validate(cfg)
   return cfg
 
 
 def validate(cfg: StudyConfig) -> None:
   """Checks every field of ``cfg``; raises :class:`StudyError` naming the field."""
-  _check(cfg.seed >= 0, f"study config `seed` must be >= 0, got {cfg.seed}.")
-  try:
-    cfg.task  # pylint: disable=pointless-statement
-  except ValueError as e:
-    raise StudyError(f"study config: {e}") from None
+  stages.validate_common(cfg, what="study config", error=StudyError, at_least_one=("steps",),
+                         positive=("learning_rate", "aligndistil_beta2"))
   from alignjax.training import config as config_lib  # pylint: disable=import-outside-toplevel
   valid = getattr(config_lib, "MODEL_PRESETS", ("llama_tiny",))
   _check(cfg.model_preset in valid, f"study config `model_preset` must be one of {list(valid)}, got {cfg.model_preset!r}.")
-  for name in ("sft_steps", "steps", "batch_size", "preference_prompts", "eval_samples"):
-    _check(getattr(cfg, name) >= 1, f"study config `{name}` must be >= 1, got {getattr(cfg, name)}.")
-  _check(cfg.eval_prompts >= 2, f"study config `eval_prompts` must be >= 2 (standard errors), got {cfg.eval_prompts}.")
-  _check(cfg.samples_per_prompt >= 2, f"study config `samples_per_prompt` must be >= 2, got {cfg.samples_per_prompt}.")
-  _check(cfg.sft_examples >= cfg.batch_size,
-         f"study config `sft_examples` ({cfg.sft_examples}) must be >= `batch_size` ({cfg.batch_size}).")
-  pairs = cfg.preference_prompts * (cfg.samples_per_prompt // 2)
-  _check(_split_sizes(pairs)[0] >= cfg.batch_size,
-         f"study config: {pairs} preference pairs give {_split_sizes(pairs)[0]} training pairs, fewer than "
-         f"`batch_size` {cfg.batch_size}; raise `preference_prompts`.")
-  for name in ("sft_learning_rate", "learning_rate", "label_temperature", "aligndistil_beta2"):
-    _check(getattr(cfg, name) > 0, f"study config `{name}` must be > 0, got {getattr(cfg, name)}.")
   _check(0 < cfg.cdpo_epsilon < 0.5, f"study config `cdpo_epsilon` must be in (0, 0.5), got {cfg.cdpo_epsilon}.")
   table = methods()
   unknown = [m for m in cfg.methods if m not in table]
@@ -251,12 +191,6 @@ def validate(cfg: StudyConfig) -> None:
       values = getattr(cfg, sweep[1])
       _check(bool(values) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values),
              f"study config `{sweep[1]}` must be one or more numbers, got {list(values)}.")
-
-
-def _split_sizes(pairs: int) -> tuple[int, int]:
-  """(train, eval) pairs of the preference set: 1/8 held out (at least 1)."""
-  n_eval = max(1, pairs // 8)
-  return pairs - n_eval, n_eval
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -313,25 +247,14 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
 
 def sft_config(cfg: StudyConfig, workdir: str) -> dict[str, Any]:
   """The loop config (dotted fields) of the SFT run."""
-  return {
-      "seed": cfg.seed, "model.preset": cfg.model_preset, "data.kind": "arrays",
-      "data.path": os.path.join(workdir, "data", "sft"), "batch_size": cfg.batch_size,
-      "sft.steps": cfg.sft_steps, "sft.learning_rate": cfg.sft_learning_rate,
-      "sft.warmup_steps": max(1, cfg.sft_steps // 10), "dpo.steps": 0,
-      "log_every": max(1, cfg.sft_steps // 4), "checkpoint_every": cfg.sft_steps,
-  }
+  return stages.sft_fields(cfg, os.path.join(workdir, "data", "sft"))
 
 
 def run_config(cfg: StudyConfig, spec: RunSpec, workdir: str) -> dict[str, Any]:
   """The loop config (dotted fields) of one preference run: the same as a ``launch/train.py`` call."""
-  fields = {
-      "seed": cfg.seed, "model.preset": cfg.model_preset, "data.kind": "arrays",
-      "data.path": os.path.join(workdir, "data", "preferences"), "batch_size": cfg.batch_size,
-      "init.checkpoint": os.path.join(workdir, "runs", "sft"), "sft.steps": 0,
-      "dpo.steps": cfg.steps, "dpo.learning_rate": cfg.learning_rate,
-      "dpo.warmup_steps": max(1, cfg.steps // 10),
-      "log_every": max(1, cfg.steps // 3), "checkpoint_every": cfg.steps,
-  }
+  fields = stages.preference_fields(
+      cfg, data_path=os.path.join(workdir, "data", "preferences"),
+      init_checkpoint=os.path.join(workdir, "runs", "sft"), steps=cfg.steps, learning_rate=cfg.learning_rate)
   for k, v in spec.fields.items():
     if k.startswith("distill.") and isinstance(v, str):
       v = os.path.join(workdir, v)
@@ -339,78 +262,7 @@ def run_config(cfg: StudyConfig, spec: RunSpec, workdir: str) -> dict[str, Any]:
   return fields
 
 
-# ----------------------------------------------------------------------------- progress
-
-class _StudyProgress:
-  """Stage lines, ``run i of n`` and a study-level ETA from the mean time of trained runs."""
-
-  STAGES = ("data", "sft", "preferences", "runs", "evaluate", "dera")
-
-  def __init__(self, stream=None, enabled: bool = True):
-    self.stream = sys.stdout if stream is None else stream
-    self.enabled = enabled
-    self.t0 = time.perf_counter()
-    self.run_times: list[float] = []
-
-  def message(self, text: str) -> None:
-    if self.enabled:
-      print(f"[study {time.perf_counter() - self.t0:6.1f}s] {text}", file=self.stream, flush=True)
-
-  def stage(self, name: str, detail: str = "") -> None:
-    i = self.STAGES.index(name) + 1
-    self.message(f"stage {i}/{len(self.STAGES)} {name}" + (f": {detail}" if detail else ""))
-
-  def eta(self, remaining: int) -> str:
-    if not self.run_times or remaining <= 0:
-      return "?" if remaining > 0 else "0:00:00"
-    s = int(round(np.mean(self.run_times) * remaining))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def _read_json(path: str) -> Optional[dict]:
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return None
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def _finished(run_cfg, workdir: str) -> bool:
-  """True when ``workdir`` holds a finished run of exactly this config's identity and budget."""
-  from alignjax.training import config as config_lib  # pylint: disable=import-outside-toplevel
-  from alignjax.training import run as run_lib  # pylint: disable=import-outside-toplevel
-  final = _read_json(os.path.join(workdir, "final_metrics.json"))
-  record = run_lib.read_record(os.path.join(workdir, "checkpoints"))
-  if final is None or record is None:
-    return False
-  if config_lib.identity_diff(record.get("identity", {}), run_cfg):
-    return False  # loop.run will refuse it and list the fields
-  total = run_cfg.sft.steps + run_cfg.dpo.steps
-  return int(final.get("steps", -1)) == total
-
-
-def _check_identity(cfg: StudyConfig, workdir: str) -> None:
-  path = os.path.join(workdir, "study.json")
-  stored = _read_json(path)
-  now = {k: getattr(cfg, k) for k in IDENTITY_FIELDS}
-  now = json.loads(json.dumps(now))
-  if stored is not None:
-    diff = [f"{k}: stored {stored.get(k)!r}, given {now[k]!r}" for k in IDENTITY_FIELDS if stored.get(k) != now[k]]
-    if diff:
-      raise StudyError(f"run_study: workdir {workdir} holds a study with different data/SFT settings "
-                       f"({'; '.join(diff)}); use another workdir.")
-  _write_json(path, dict(now, config=json.loads(json.dumps(dataclasses.asdict(cfg)))))
+STAGES = ("data", "sft", "preferences", "runs", "evaluate", "dera")
 
 
 # ----------------------------------------------------------------------------- the study
@@ -439,12 +291,9 @@ def run_study(
     ``results.jsonl``, ``results.md`` and ``frontier.png``, and the names of the
     runs trained / skipped (already finished) / evaluated in this call.
   """
-  import jax  # pylint: disable=import-outside-toplevel
   from alignjax import decoding  # pylint: disable=import-outside-toplevel
   from alignjax.data import arrays_tfds  # pylint: disable=import-outside-toplevel
-  from alignjax.data import reviews  # pylint: disable=import-outside-toplevel
-  from alignjax.data.synthetic import EOS, PAD  # pylint: disable=import-outside-toplevel
-  from alignjax.study import evaluation, plots  # pylint: disable=import-outside-toplevel
+  from alignjax.study import plots  # pylint: disable=import-outside-toplevel
   from alignjax.training import config as config_lib  # pylint: disable=import-outside-toplevel
   from alignjax.training import loop  # pylint: disable=import-outside-toplevel
 
@@ -454,16 +303,18 @@ def run_study(
   train_fn = loop.run if train_fn is None else train_fn
   workdir = os.path.abspath(workdir)
   os.makedirs(os.path.join(workdir, "evals"), exist_ok=True)
-  _check_identity(cfg, workdir)
-  p = _StudyProgress(stream, enabled=progress)
-  task = cfg.task
+  stages.check_identity(
+      os.path.join(workdir, "study.json"),
+      dict({k: getattr(cfg, k) for k in IDENTITY_FIELDS}, config=dataclasses.asdict(cfg)), IDENTITY_FIELDS,
+      error=StudyError, message=f"run_study: workdir {workdir} holds a study with different data/SFT settings")
+  p = stages.Progress("study", STAGES, stream, enabled=progress)
   start = time.perf_counter()
   trained, skipped, evaluated = [], [], []
 
   def train(name: str, fields: Mapping[str, Any], i: int, n: int) -> None:
     run_cfg = config_lib.build(None, **fields)
     run_dir = os.path.join(workdir, "runs", name)
-    if _finished(run_cfg, run_dir):
+    if stages.finished(run_cfg, run_dir):
       skipped.append(name)
       p.message(f"run {i} of {n}: {name} -- finished earlier, skipped")
       return
@@ -475,41 +326,24 @@ def run_study(
 
   # 1. The SFT data set.
   p.stage("data", f"reviews SFT set ({cfg.sft_examples} reviews) as TFDS array_record")
-  sft_data = os.path.join(workdir, "data", "sft")
-  arrays_tfds.write_arrays(
-      sft_data, {"train": task.sft_data(cfg.sft_examples, cfg.seed),
-                 "eval": task.sft_data(max(cfg.batch_size, cfg.sft_examples // 8), cfg.seed + 1)},
-      metadata={"vocab_size": task.vocab_size, "task": dataclasses.asdict(task)})
+  stages.write_sft_data(cfg, os.path.join(workdir, "data", "sft"))
 
   # 2. SFT.
   runs = plan_runs(cfg)
   n_runs = len(runs) + 1
   p.stage("sft", f"{cfg.model_preset}, {cfg.sft_steps} steps")
   train("sft", sft_config(cfg, workdir), 1, n_runs)
-  sft_model = loop.load_policy(os.path.join(workdir, "runs", "sft"))
+  sft_dir = os.path.join(workdir, "runs", "sft")
+  sft_model = loop.load_policy(sft_dir)
 
   # 3. Preference data sampled from the SFT model.
   pref_data = os.path.join(workdir, "data", "preferences")
-  if not arrays_tfds.is_prepared(pref_data):
+  if arrays_tfds.is_prepared(pref_data):
+    p.stage("preferences", "on disk, reused")
+  else:
     p.stage("preferences", f"{cfg.samples_per_prompt} samples x {cfg.preference_prompts} prompts, "
             "Bradley-Terry labels from the gold reward")
-    topics = task.sample_topics(cfg.preference_prompts, cfg.seed + 2)
-    prompts, prompt_mask = evaluation.repeat_prompts(*task.prompts(topics), cfg.samples_per_prompt)
-    out = decoding.generate(sft_model, prompts, prompt_mask, max_new_tokens=task.max_len + 1, temperature=1.0,
-                            eos_token_ids=(EOS,), pad_token_id=PAD, rng=jax.random.key(cfg.seed + 2))
-    pairs = reviews.sampled_preferences(task, prompts, np.asarray(out.tokens), np.asarray(out.mask),
-                                        num_samples=cfg.samples_per_prompt, seed=cfg.seed + 3,
-                                        temperature=cfg.label_temperature)
-    n_train, _ = _split_sizes(len(pairs["chosen_tokens"]))
-    arrays_tfds.write_arrays(
-        pref_data, {"train": {k: v[:n_train] for k, v in pairs.items()},
-                    "eval": {k: v[n_train:] for k, v in pairs.items()}},
-        metadata={"vocab_size": task.vocab_size, "task": dataclasses.asdict(task),
-                  "sampled_reward_min": float(min(pairs["chosen_reward"].min(), pairs["rejected_reward"].min())),
-                  "sampled_reward_max": float(max(pairs["chosen_reward"].max(), pairs["rejected_reward"].max())),
-                  "sampled_reward_mean": float(np.mean([pairs["chosen_reward"], pairs["rejected_reward"]]))})
-  else:
-    p.stage("preferences", "on disk, reused")
+    stages.write_sampled_preferences(cfg, sft_model, pref_data)
   meta = arrays_tfds.read_metadata(pref_data)
 
   # 4. The sweep.
@@ -518,32 +352,15 @@ def run_study(
     train(spec.name, run_config(cfg, spec, workdir), i, n_runs)
 
   # 5. The evaluation of every model; 6. DeRa, evaluated the same way.
-  eval_topics = task.sample_topics(cfg.eval_prompts, cfg.seed + 1000)
-  eval_prompts, eval_mask = task.prompts(eval_topics)
-  scorer = evaluation.make_scorer(sft_model)
-  eval_key = jax.random.key(cfg.seed + 4)
-  eval_settings = {"eval_prompts": cfg.eval_prompts, "eval_samples": cfg.eval_samples, "seed": cfg.seed}
+  held_out = stages.HeldOutEval(cfg, sft_model)
 
   def evaluate(name: str, model_fn: Callable[[], Any], row: dict) -> dict:
-    path = os.path.join(workdir, "evals", f"{name}.json")
-    cached = _read_json(path)
-    if cached is not None and cached.get("eval_settings") == eval_settings and cached.get("stamp") == row.get("stamp"):
-      return cached["row"]
-    scores = evaluation.sample_and_score(
-        model_fn(), sft_model, eval_prompts, eval_mask, num_samples=cfg.eval_samples,
-        max_new_tokens=task.max_len + 1, rng=eval_key, reward_fn=task.gold_reward, scorer=scorer,
-        eos_token_ids=(EOS,), pad_token_id=PAD)
-    row = dict(row, **evaluation.summarize(scores))
-    row.pop("stamp", None)
-    _write_json(path, {"eval_settings": eval_settings, "stamp": stamp(row.get("workdir")), "row": row})
-    evaluated.append(name)
+    key = {"eval_settings": held_out.settings, "stamp": stages.run_stamp(row.get("workdir"))}
+    row, computed = stages.cached_row(os.path.join(workdir, "evals", f"{name}.json"), key,
+                                      lambda: dict(row, **held_out(model_fn())))
+    if computed:
+      evaluated.append(name)
     return row
-
-  def stamp(run_dir: Optional[str]) -> Optional[float]:
-    if not run_dir:
-      return None
-    final = os.path.join(run_dir, "final_metrics.json")
-    return os.path.getmtime(final) if os.path.exists(final) else None
 
   models: dict[str, Any] = {}
 
@@ -553,15 +370,12 @@ def run_study(
     return models[name]
 
   p.stage("evaluate", f"{cfg.eval_samples} samples x {cfg.eval_prompts} held-out prompts per model")
-  rows = []
-  sft_dir = os.path.join(workdir, "runs", "sft")
-  rows.append(evaluate("sft", lambda: sft_model, {"name": "sft", "method": "sft", "setting": "reference",
-                                                  "workdir": sft_dir, "stamp": stamp(sft_dir)}))
+  rows = [evaluate("sft", lambda: sft_model, {"name": "sft", "method": "sft", "setting": "reference",
+                                               "workdir": sft_dir})]
   plotted = [s for s in runs if s.plotted]
   for j, spec in enumerate(plotted, start=1):
-    run_dir = os.path.join(workdir, "runs", spec.name)
     base = {"name": spec.name, "method": spec.method, "setting": spec.setting, "beta": spec.beta,
-            "alpha": spec.alpha, "workdir": run_dir, "stamp": stamp(run_dir)}
+            "alpha": spec.alpha, "workdir": os.path.join(workdir, "runs", spec.name)}
     rows.append(evaluate(spec.name, lambda s=spec: policy(s.name), base))
     if j % 5 == 0 or j == len(plotted):
       p.message(f"evaluated {j} of {len(plotted)} runs")
@@ -569,24 +383,16 @@ def run_study(
     b = cfg.dera_model_beta
     dpo_name = f"dpo_b{b:g}"
     p.stage("dera", f"lambda in {list(cfg.dera_lambdas)} between the SFT and {dpo_name}")
-    dpo_dir = os.path.join(workdir, "runs", dpo_name)
     for lam in cfg.dera_lambdas:
       name = f"dera_l{lam:g}_{dpo_name}"
       base = {"name": name, "method": "dera", "setting": f"λ={lam:g} (DPO β={b:g})", "beta": b,
-              "lambda": float(lam), "workdir": dpo_dir, "stamp": stamp(dpo_dir)}
+              "lambda": float(lam), "workdir": os.path.join(workdir, "runs", dpo_name)}
       rows.append(evaluate(name, lambda l=lam: decoding.dera(policy(dpo_name), sft_model, l), base))
 
   for r in rows:
     r["sampled_reward_min"] = meta.get("sampled_reward_min")
     r["sampled_reward_max"] = meta.get("sampled_reward_max")
-  results = os.path.join(workdir, "results.jsonl")
-  with open(results + ".tmp", "w") as f:
-    for r in rows:
-      f.write(json.dumps(evaluation.as_jsonable(r)) + "\n")
-  os.replace(results + ".tmp", results)
-  table = os.path.join(workdir, "results.md")
-  with open(table, "w") as f:
-    f.write(plots.markdown_table(rows))
+  results, table = stages.write_results(workdir, rows, stages.markdown_table(rows))
   plot = plots.plot_frontier(rows, os.path.join(workdir, "frontier.png"),
                              title=f"Reward vs KL on generated reviews ({cfg.model_preset})")
   wall = time.perf_counter() - start

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Sequence
 
+from alignjax.study import stages
+
 __all__ = ["markdown_table", "plot_frontier"]
 
 
@@ -72,19 +74,6 @@ def _num(v) -> float:
   return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def _fmt(v, se=None) -> str:
-  if v is None or (isinstance(v, float) and math.isnan(v)):
-    return "–"
-  if se is None or (isinstance(se, float) and math.isnan(se)):
-    return f"{v:.3f}"
-  return f"{v:.3f} ± {se:.3f}"
-
-
 def markdown_table(rows: Iterable[Mapping]) -> str:
   """A Markdown table: method, hyper-parameters, reward ± s.e., KL ± s.e., mean length."""
-  lines = ["| method | setting | reward | KL(π‖π_SFT) | mean length |",
-           "|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['method']} | {r.get('setting', '')} | {_fmt(r['reward'], r.get('reward_se'))} | "
-                 f"{_fmt(r['kl'], r.get('kl_se'))} | {_fmt(r.get('mean_length'))} |")
-  return "\n".join(lines) + "\n"
+  return stages.markdown_table(rows, labels=("method", "setting"))
