@@ -155,11 +155,13 @@ def unpair(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def mismatched_rows(batch: Mapping[str, Any], *, side: str = "completion") -> dict[str, np.ndarray]:
-  """KTO's KL rows: row ``i``'s prompt with row ``i + 1``'s completion (cyclically), right-padded.
+  """KTO's KL rows: row ``i``'s prompt with row ``i - 1``'s completion (cyclically), right-padded.
 
   Ethayarajh et al. 2024, "KTO", arXiv:2402.01306, Sec. 4.1 (the reference point
   z_0 from mismatched pairs); TRL's ``KTOTrainer`` builds its KL data set the same
-  way within each batch (completions rotated by one). Rows are right-padded to the
+  way within each batch: ``KL_completion_ids = [completions[-1]] + completions[:-1]``,
+  so prompt ``i`` gets the *previous* row's completion and prompt 0 the last row's
+  (:func:`alignjax.losses.kto_mismatched_pairs`). Rows are right-padded to the
   batch's length ``T``; a pair longer than ``T`` keeps its first ``T`` tokens.
   Returns ``kl_{tokens,attention,response}`` ``[B, T]``.
   """
@@ -169,7 +171,7 @@ def mismatched_rows(batch: Mapping[str, Any], *, side: str = "completion") -> di
   b, t = tokens.shape
   out_t, out_a, out_r = np.zeros_like(tokens), np.zeros((b, t), bool), np.zeros((b, t), bool)
   for i in range(b):
-    j = (i + 1) % b
+    j = (i - 1) % b
     prompt = tokens[i][attention[i] & ~response[i]]
     completion = tokens[j][response[j]]
     row = np.concatenate([prompt, completion])[:t]

@@ -181,17 +181,43 @@ def _frozen_shardings(reference, mesh):
   return dict(shardings) if shardings else None
 
 
-def _loss_terms(graphdef, rest, loss, reference, cast, chunk_size):
-  """``fn(params, batch, frozen) -> (sum(w l), (sum(w), per-example metrics))``."""
+def _context(graphdef, rest, reference, cast, chunk_size, params, frozen, statistics=None):
+  p = cast(params) if cast is not None else params
+  policy = nnx.merge(graphdef, p, rest)
+  return algorithms.Context(policy, reference.merge(frozen, cast), reference, chunk_size, statistics)
 
-  def fn(params, batch, frozen):
-    p = cast(params) if cast is not None else params
-    policy = nnx.merge(graphdef, p, rest)
-    frozen_models = reference.merge(frozen, cast)
-    ctx = algorithms.Context(policy, frozen_models, reference, chunk_size)
+
+def _loss_terms(graphdef, rest, loss, reference, cast, chunk_size):
+  """``fn(params, batch, frozen, statistics) -> (sum(w l), (sum(w), per-example metrics))``."""
+
+  def fn(params, batch, frozen, statistics=None):
+    ctx = _context(graphdef, rest, reference, cast, chunk_size, params, frozen, statistics)
     out = loss.algorithm.objective(loss.hparams, ctx, batch)
     w = out.weights.astype(jnp.float32)
     return jnp.sum(out.losses * w), (jnp.sum(w), out.metrics)
+  return fn
+
+
+def _batch_statistics(graphdef, rest, loss, reference, cast, chunk_size):
+  """``fn(params, batch, frozen, k) -> {name: [B]}`` of the algorithm's ``batch_statistics`` (or None).
+
+  Evaluated micro-batch by micro-batch (rows ``i, i+k, ...`` as the step
+  accumulates them; no gradient), then put back in the batch's row order, so
+  every micro-batch's objective sees the statistics of the whole batch.
+  """
+  hook = loss.algorithm.batch_statistics
+  if hook is None:
+    return None
+
+  def one(params, batch, frozen):
+    ctx = _context(graphdef, rest, reference, cast, chunk_size, jax.lax.stop_gradient(params), frozen)
+    return jax.tree.map(jax.lax.stop_gradient, dict(hook(loss.hparams, ctx, batch)))
+
+  def fn(params, batch, frozen, k=1, micro=None):
+    if k == 1:
+      return one(params, batch, frozen)
+    stats = jax.lax.map(lambda mb: one(params, mb, frozen), micro)          # {name: [k, B/k, ...]}
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((-1,) + x.shape[2:]), stats)
   return fn
 
 
@@ -239,6 +265,7 @@ def make_train_step(
   cast = _caster(compute_dtype)
   objective_loss = loss
   terms = _loss_terms(graphdef, rest, loss, reference, cast, chunk_size)
+  statistics_fn = _batch_statistics(graphdef, rest, loss, reference, cast, chunk_size)
   grad_fn = jax.value_and_grad(terms, has_aux=True)
   k = grad_accum
 
@@ -249,15 +276,17 @@ def make_train_step(
       raise ValueError(f"train_step: batch size {b} must be divisible by `grad_accum` {k}.")
     batch = {name: jnp.asarray(v) for name, v in batch.items()}
     if k == 1:
-      (lw, (w, metrics)), grads = grad_fn(state.params, batch, frozen)
+      stats = statistics_fn(state.params, batch, frozen) if statistics_fn is not None else None
+      (lw, (w, metrics)), grads = grad_fn(state.params, batch, frozen, stats)
       metrics = jax.tree.map(jnp.mean, metrics)
     else:
       # Micro-batch i takes rows i, i+k, ...: every micro-batch spans all data shards.
       micro = jax.tree.map(lambda x: x.reshape((b // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
+      stats = statistics_fn(state.params, batch, frozen, k, micro) if statistics_fn is not None else None
 
       def body(carry, mb):
         g_acc, lw_acc, w_acc = carry
-        (lw, (w, m)), g = grad_fn(state.params, mb, frozen)
+        (lw, (w, m)), g = grad_fn(state.params, mb, frozen, stats)
         return (jax.tree.map(jnp.add, g_acc, g), lw_acc + lw, w_acc + w), m
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -307,11 +336,13 @@ def make_eval_step(
   _check_loss("make_eval_step", loss, reference)
   graphdef, _, rest = _split(model)
   terms = _loss_terms(graphdef, rest, loss, reference, _caster(compute_dtype), chunk_size)
+  statistics_fn = _batch_statistics(graphdef, rest, loss, reference, _caster(compute_dtype), chunk_size)
 
   def eval_step(params, batch, frozen):
     schema = _schema(loss, batch)
     batch_lib.check_batch(batch, schema)
-    lw, (w, metrics) = terms(params, dict(batch), frozen)
+    stats = statistics_fn(params, dict(batch), frozen) if statistics_fn is not None else None
+    lw, (w, metrics) = terms(params, dict(batch), frozen, stats)
     metrics = jax.tree.map(jnp.mean, metrics)
     return dict(metrics, loss=lw / jnp.maximum(w, 1e-12), tokens=_tokens(schema, batch))
 

@@ -61,11 +61,16 @@ class Context(NamedTuple):
       ``{"reference": m}`` or an algorithm's own frozen models; empty if none.
     reference: the :class:`alignjax.training.reference.Reference` mode.
     chunk_size: positions per chunk for label log-probs.
+    statistics: the algorithm's ``batch_statistics`` of the WHOLE (global,
+      accumulated) batch, ``{name: [B_total]}`` with no gradient, when the
+      algorithm declares that hook; None otherwise (or when an objective is
+      called outside a step: it then computes them on the batch it is given).
   """
   policy: Any
   frozen: Mapping[str, Any]
   reference: Any
   chunk_size: int
+  statistics: Optional[Mapping[str, Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +100,13 @@ class Algorithm:
       the preference phase trains on the policy's own samples.
     kl_rows: unpaired batches carry KTO's mismatched ``kl_*`` rows
       (:func:`alignjax.data.batch.mismatched_rows`), built per batch when the data has none.
+    batch_statistics: ``fn(hparams, ctx, batch) -> {name: [B] array}``: per-row
+      quantities (no gradient) an objective reduces over the WHOLE batch, e.g.
+      KTO's KL reference point. The step evaluates it on every micro-batch with
+      the step's parameters before any gradient, reassembles the rows of the
+      global batch and hands them to every micro-batch's objective as
+      ``ctx.statistics``, so the result is the same with ``grad_accum > 1`` and on
+      any mesh.
     study: how the frontier study runs this method (see :mod:`alignjax.study.frontier`):
       ``{"sweep": hparam name swept by the study's list of the same name}``,
       ``{"teachers": ...}``; empty: one run per beta.
@@ -113,6 +125,7 @@ class Algorithm:
   validate_run: Optional[Callable] = None
   rollout: Optional[Callable] = None
   kl_rows: bool = False
+  batch_statistics: Optional[Callable] = None
   study: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
