@@ -4,6 +4,8 @@ References: tiny random Llama / Qwen2 / GPT-2 sequence-classification models bui
 with transformers (fp32, eager attention), their ``logits[:, 0]`` on left- and
 right-padded batches (positions ``cumsum(mask) - 1`` passed explicitly, as
 tests/hf_fixtures.torch_logits does), and transformers reloading what ``to_hf`` wrote.
+The reward model's KV-cache path is checked against transformers on every full candidate
+sequence by tests/test_reward_decoding.py (ARGS).
 """
 
 import json
@@ -92,27 +94,6 @@ def test_scores_match_transformers_sequence_classification_left_and_right_padded
   np.testing.assert_allclose(torch_scores(hf2, tokens, mask), want, atol=TOL, rtol=TOL)
   rm2 = models.from_hf(out)
   np.testing.assert_array_equal(np.asarray(rm2(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))), got)
-
-
-def test_cached_scores_equal_full_sequence_scores(rm_dirs):
-  """Prefill + one token at a time through the KV cache scores every prefix like transformers."""
-  tokens, mask = _batch(seed=1, T=8)
-  hf = load_torch_rm(rm_dirs["llama"])
-  rm = models.from_hf(rm_dirs["llama"])
-  T0 = 5
-  # Left-align the prompts (as the sampler does), then append tokens one at a time.
-  order = np.argsort(mask[:, :T0].astype(np.int32), axis=-1, kind="stable")
-  p_tok = np.take_along_axis(tokens[:, :T0], order, -1)
-  p_mask = np.take_along_axis(mask[:, :T0], order, -1)
-  cache = rm.init_cache(4, 8)
-  s, cache = rm(jnp.asarray(p_tok), attention_mask=jnp.asarray(p_mask), cache=cache)
-  np.testing.assert_allclose(np.asarray(s), torch_scores(hf, p_tok, p_mask), atol=TOL, rtol=TOL)
-  extra = np.random.default_rng(2).integers(3, 101, (4, 3)).astype(np.int32)
-  for t in range(3):
-    s, cache = rm(jnp.asarray(extra[:, t:t + 1]), attention_mask=jnp.ones((4, 1), bool), cache=cache)
-    full = np.concatenate([p_tok, extra[:, :t + 1]], 1)
-    full_mask = np.concatenate([p_mask, np.ones((4, t + 1), bool)], 1)
-    np.testing.assert_allclose(np.asarray(s), torch_scores(hf, full, full_mask), atol=TOL, rtol=TOL)
 
 
 def test_from_backbone_keeps_the_policy_and_adds_a_sharded_score_head(tmp_path):

@@ -211,10 +211,9 @@ class ASAp:
     eos = tuple(int(e) for e in np.atleast_1d(np.asarray(eos_token_ids, np.int64)))
     if not eos:
       raise ValueError(f"{fn}: `eos_token_ids` must hold at least one id (samples end with EOS).")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-      raise ValueError(f"{fn}: `max_new_tokens` must be an int >= 1, got {max_new_tokens!r}.")
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
-      raise ValueError(f"{fn}: `capacity` must be an int >= 1, got {capacity!r}.")
+    for name, v in (("max_new_tokens", max_new_tokens), ("capacity", capacity)):
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{fn}: `{name}` must be an int >= 1, got {v!r}.")
     self.model = model
     self.constraint = constraint
     self.max_new_tokens = int(max_new_tokens)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -203,7 +203,8 @@ def args_generate(model, rm, prompt_tokens, prompt_mask, *, max_new_tokens: int,
   fn = "args_generate"
   for attr in ("init_cache", "__call__"):
     if not callable(getattr(rm, attr, None)):
-      raise TypeError(f"{fn}: `rm` must be an alignjax RewardModel (with `{attr}`), got {type(rm).__name__}.")
+      raise TypeError(f"{fn}: `rm` must be an alignjax RewardModel (with `{attr}`), got "
+                      f"{type(rm).__name__}.")
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"{fn}: `k` must be an int >= 1 (static), got {k!r}.")
   models_ = model.models if hasattr(model, "models") and hasattr(model, "weights") else (model,)
@@ -216,9 +217,10 @@ def args_generate(model, rm, prompt_tokens, prompt_mask, *, max_new_tokens: int,
   B = np.shape(prompt_tokens)[0] if len(np.shape(prompt_tokens)) == 2 else None
   if B is None:
     raise ValueError(f"{fn}: `prompt_tokens` must be [B, T], got shape {np.shape(prompt_tokens)}.")
-  w = sampler_lib._per_row(fn, "w", w, B, jnp.float32)  # pylint: disable=protected-access
-  temperature = sampler_lib._per_row(fn, "temperature", temperature, B, jnp.float32)  # pylint: disable=protected-access
-  t_np, w_np = sampler_lib._concrete(temperature), sampler_lib._concrete(w)  # pylint: disable=protected-access
+  per_row, concrete = sampler_lib._per_row, sampler_lib._concrete  # pylint: disable=protected-access
+  w = per_row(fn, "w", w, B, jnp.float32)
+  temperature = per_row(fn, "temperature", temperature, B, jnp.float32)
+  t_np, w_np = concrete(temperature), concrete(w)
   if t_np is not None and (not np.all(np.isfinite(t_np)) or np.any(t_np < 0)):
     raise ValueError(f"{fn}: `temperature` must be finite and >= 0 (0 = greedy), got {t_np}.")
   if w_np is not None and not np.all(np.isfinite(w_np)):
@@ -288,7 +290,8 @@ def best_of_n(model, rm, prompt_tokens, prompt_mask, *, n: int, max_new_tokens: 
   if tokens.ndim != 2:
     raise ValueError(f"{fn}: `prompt_tokens` must be [B, T], got shape {tokens.shape}.")
   if mask.shape != tokens.shape:
-    raise ValueError(f"{fn}: `prompt_mask` shape {mask.shape} must match `prompt_tokens` {tokens.shape}.")
+    raise ValueError(f"{fn}: `prompt_mask` shape {mask.shape} must match `prompt_tokens` "
+                     f"{tokens.shape}.")
   B = tokens.shape[0]
 
   def rows(x):
