@@ -309,6 +309,36 @@ def preference_metrics(out, policy_seq_logps):
   }
 
 
+def token_counts(batch, side: str, *, prompt: bool = False):
+  """``[B]`` float32 label tokens of ``side``'s rows: response tokens, or (``prompt``) every attended label.
+
+  ``prompt=True`` counts the labels TRL's ORPO cross-entropy covers on
+  right-padded rows (``input_ids`` where attended, shifted): positions ``t >= 1``
+  whose token and predecessor are both attended.
+  """
+  return label_mask(batch, side, prompt=prompt).sum(axis=-1)
+
+
+def label_mask(batch, side: str, *, prompt: bool = False):
+  """``[B, T-1]`` float32 label mask of ``side``: its response labels, or (``prompt``) every attended label."""
+  if not prompt:
+    return jnp.asarray(batch[f"{side}_response"])[:, 1:].astype(jnp.float32)
+  att = jnp.asarray(batch[f"{side}_attention"]).astype(bool)
+  return (att[:, 1:] & att[:, :-1]).astype(jnp.float32)
+
+
+def batch_token_mean(row_sums, all_counts):
+  """Per-row terms whose mean over the WHOLE batch is ``sum(row_sums) / sum(all_counts)``.
+
+  ``all_counts [B_total]`` are the token counts of every row of the global batch
+  (``ctx.statistics``); a micro-batch's rows get ``row_sums * B_total / N_total``,
+  so a loss that is one token mean over the batch (TRL's ``CrossEntropyLoss``
+  NLL terms of CPO and ORPO) is exact with gradient accumulation and sharding.
+  """
+  total = jnp.maximum(jnp.sum(all_counts), 1.0)
+  return row_sums * (all_counts.shape[0] / total)
+
+
 def positive_rows(batch):
   """``(tokens, attention, response_mask[:, 1:], row_weight [B])`` of the rows SFT imitates.
 
