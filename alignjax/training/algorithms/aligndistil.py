@@ -15,7 +15,14 @@ code does (``songmzhang/AlignDistil``, OpenRLHF trainers):
   every step) and the student's logits are divided by ``temperature`` first, as
   their on-policy trainer does;
 * per-token loss ``(beta / w_t) KL(pi_student || softmax(z*/tau))`` with the
-  teacher of :func:`alignjax.losses.aligndistil_teacher`, length-normalised.
+  teacher of :func:`alignjax.losses.aligndistil_teacher`, length-normalised;
+* which distributions: ``positions="next_token"`` (default) distils the ones
+  that predict the response tokens (from the last prompt token to the one
+  before EOS, the label-aligned layout of every other loss here);
+  ``positions="authors"`` reproduces the authors' trainers' one-position offset:
+  the distributions AT the response-token positions (their action mask on the
+  logits), never the one that predicts the first response token, and including
+  the one after EOS.
 
 Per-example metrics are the authors' logged ones (mean weight, expected token
 rewards, KL to the DPO and contrast models).
@@ -36,6 +43,7 @@ from alignjax.losses.aligndistil import MODES
 from alignjax.training.algorithms import base
 
 TEACHERS = ("dpo", "contrast")
+POSITIONS = ("next_token", "authors")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,6 +57,9 @@ class AlignDistilHParams:
   length_normalize: bool = base.field(True, "AlignDistil: per-example mean over the distilled tokens (authors: True)")
   on_policy: bool = base.field(False, "student logits / temperature (the authors' on-policy trainer); set from "
                                "distill.on_policy", config=False)
+  positions: str = base.field("next_token", "AlignDistil distilled positions: 'next_token' (those predicting the "
+                              "response tokens) or 'authors' (the authors' offset: the response-token positions, "
+                              "incl. the one after EOS)")
 
   def __post_init__(self):
     base.check(math.isfinite(self.beta) and self.beta > 0, f"loss: `beta` must be a finite number > 0, got {self.beta}.")
@@ -57,17 +68,25 @@ class AlignDistilHParams:
     base.check(self.mode in MODES, f"loss: `mode` must be one of {list(MODES)}, got {self.mode!r}.")
     base.check(math.isfinite(self.temperature) and self.temperature > 0,
                f"loss: `temperature` must be a finite number > 0, got {self.temperature}.")
+    base.check(self.positions in POSITIONS, f"loss: `positions` must be one of {list(POSITIONS)}, "
+               f"got {self.positions!r}.")
 
 
 def objective(hp, ctx: base.Context, batch) -> base.ObjectiveOutput:
   """AlignDistil on the CHOSEN rows of the batch (the rejected rows are not read)."""
   tokens = jnp.asarray(batch["chosen_tokens"])
   attention = batch["chosen_attention"]
-  mask = jnp.asarray(batch["chosen_response"])[:, 1:].astype(jnp.float32)
   h, unembed = base.features(ctx.policy, tokens, attention)
   hd, ud = base.features(ctx.frozen["dpo"], tokens, attention)
   hc, uc = base.features(ctx.frozen["contrast"], tokens, attention)
-  h, hd, hc = h[:, :-1], jax.lax.stop_gradient(hd[:, :-1]), jax.lax.stop_gradient(hc[:, :-1])
+  response = jnp.asarray(batch["chosen_response"]).astype(jnp.float32)
+  if hp.positions == "authors":
+    # The distributions at the response-token positions (the one after EOS included).
+    mask, keep = response, slice(None)
+  else:
+    # The distributions that predict the response tokens.
+    mask, keep = response[:, 1:], slice(None, -1)
+  h, hd, hc = h[:, keep], jax.lax.stop_gradient(hd[:, keep]), jax.lax.stop_gradient(hc[:, keep])
 
   def chunk_loss(hs, hdc, hcc, m):
     zs = unembed(hs)
