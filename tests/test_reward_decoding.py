@@ -1,4 +1,4 @@
-"""ARGS and best-of-N on tiny random Hugging Face models, against independent references.
+"""ARGS, best-of-N and GenARM on tiny random Hugging Face models, against independent references.
 
 References: the policy's greedy decoding (``decoding.generate``, itself checked against
 transformers ``generate``); brute-force recomputation with the torch models -- the
@@ -214,6 +214,26 @@ def test_best_of_n_returns_the_argmax_of_brute_force_rewards(setup):
   np.testing.assert_array_equal(out2.index, counts.argmax(-1))
 
 
+# ------------------------------------------------------------------------ GenARM
+def test_genarm_samples_from_base_times_arm_to_the_alpha_at_temperature(setup, tmp_path):
+  """Every sampled token's log-prob is log softmax((log p_base + α log p_ARM) / T), from torch."""
+  arm_dir = hf_fixtures.make_tiny_hf("llama", str(tmp_path / "arm"), seed=5)
+  arm, torch_arm = models.from_hf(arm_dir), hf_fixtures.load_hf_torch(arm_dir)
+  tokens, mask = _prompts(seed=6)
+  alpha, temp = np.array([0.5, 1.0, 2.0], np.float32), 0.5
+  out = decoding.generate(decoding.genarm(setup["policy"], arm, alpha), tokens, mask, max_new_tokens=3,
+                          temperature=temp, rng=jax.random.key(9))
+  gen = np.asarray(out.tokens)
+  lsm = lambda z: z - np.log(np.exp(z - z.max()).sum()) - z.max()
+  for b in range(B):
+    prefix = list(tokens[b][mask[b]])
+    for t in range(3):
+      z = (lsm(_torch_next_logits(setup["torch_policy"], prefix))
+           + alpha[b] * lsm(_torch_next_logits(torch_arm, prefix))) / temp
+      np.testing.assert_allclose(float(out.logprobs[b, t]), lsm(z)[gen[b, t]], atol=1e-4)
+      prefix.append(int(gen[b, t]))
+
+
 def test_bad_inputs_raise_one_line_errors(setup):
   tokens, mask = _prompts()
   cases = [
@@ -229,6 +249,7 @@ def test_bad_inputs_raise_one_line_errors(setup):
                                       temperature=-1.0), ValueError, "`temperature`"),
       (lambda: decoding.best_of_n(setup["policy"], setup["rm"], tokens, mask, n=0, max_new_tokens=2,
                                   rng=jax.random.key(0)), ValueError, "`n`"),
+      (lambda: decoding.genarm(setup["policy"], setup["policy"], np.ones((2, 2))), ValueError, "`alpha`"),
   ]
   for fn, exc, match in cases:
     with pytest.raises(exc, match=match) as e:

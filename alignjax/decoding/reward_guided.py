@@ -20,6 +20,9 @@ sampler's own.
 * Best-of-N (rejection sampling) -- e.g. Nakano et al. 2021, "WebGPT"
   (arXiv:2112.09332, Sec. 3.2), Stiennon et al. 2020 (arXiv:2009.01325): draw ``n``
   samples, return the one the reward model scores highest.
+* GenARM -- Xu et al. 2024, "GenARM: Reward Guided Generation with Autoregressive
+  Reward Model for Test-Time Alignment" (arXiv:2410.08193): a model combination, see
+  :func:`genarm`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from alignjax.decoding import combine as combine_lib
 from alignjax.decoding import processors
 from alignjax.decoding import sampler as sampler_lib
 
@@ -323,4 +327,27 @@ def best_of_n(model, rm, prompt_tokens, prompt_mask, *, n: int, max_new_tokens: 
   return BestOfNOutput(out.tokens[pick], out.mask[pick], out.logprobs[pick], scores, index, out)
 
 
-__all__ = ["ArgsOutput", "BestOfNOutput", "args_generate", "best_of_n"]
+# ---------------------------------------------------------------------------- GenARM
+def genarm(base, arm, alpha=1.0) -> combine_lib.LogitMixture:
+  """GenARM decoding as a model combination: ``softmax((log π_base + α log π_ARM) / T)``.
+
+  Xu et al. 2024, "GenARM: Reward Guided Generation with Autoregressive Reward Model for
+  Test-Time Alignment" (arXiv:2410.08193): the autoregressive reward model ``π_ARM``
+  (a causal LM trained with :func:`alignjax.losses.genarm_loss`,
+  ``-log σ(β (log π_ARM(y_w) - log π_ARM(y_l)))``) guides the frozen base model token
+  by token, ``π(y_t | ·) ∝ π_base(y_t | ·) · π_ARM(y_t | ·)^α`` with ``α = 1/β``. As the
+  authors' generation scripts (``evaluation/HH/generate_outputs_HH.py``: the
+  language-model-arithmetic formula ``M_base + alpha * M_arm`` over each model's
+  log-softmax, then ``temperature``), pass the result to
+  :func:`~alignjax.decoding.generate` with the temperature ``T`` (their default 0.5;
+  they note ``1 / (1 + α)`` as the principled choice), ``top_k=0``, ``top_p=1``.
+  ``alpha`` is a scalar or ``[B]``; it is traced (never recompiles).
+  """
+  xp = jnp if isinstance(alpha, jax.core.Tracer) else np
+  alpha = xp.asarray(alpha, xp.float32)
+  if alpha.ndim > 1:
+    raise ValueError(f"genarm: `alpha` must be a scalar or [B], got shape {alpha.shape}.")
+  return combine_lib.mixture((base, arm), xp.stack([xp.ones_like(alpha), alpha], axis=-1))
+
+
+__all__ = ["ArgsOutput", "BestOfNOutput", "args_generate", "best_of_n", "genarm"]
