@@ -107,6 +107,9 @@ class Algorithm:
       global batch and hands them to every micro-batch's objective as
       ``ctx.statistics``, so the result is the same with ``grad_accum > 1`` and on
       any mesh.
+    token_keys: ``[B, T]`` float32 batch keys the objective reads besides the
+      schema's (data-set columns such as critical-token weights); the planner's
+      abstract batch includes them.
     study: how the frontier study runs this method (see :mod:`alignjax.study.frontier`):
       ``{"sweep": hparam name swept by the study's list of the same name}``,
       ``{"teachers": ...}``; empty: one run per beta.
@@ -126,6 +129,7 @@ class Algorithm:
   rollout: Optional[Callable] = None
   kl_rows: bool = False
   batch_statistics: Optional[Callable] = None
+  token_keys: tuple[str, ...] = ()
   study: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
