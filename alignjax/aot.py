@@ -799,6 +799,52 @@ def chip_table() -> str:
   return "\n".join(rows)
 
 
+def report(experiment: Experiment, topology: Topology, mesh: Optional[str] = None, *, search_meshes: bool = False,
+           remat: Optional[str] = None, compile: bool = True, sampler: bool = False,  # pylint: disable=redefined-builtin
+           cache_dir: Optional[str] = None, top: int = 10, emit=print) -> None:
+  """``launch/plan.py``'s report, one line at a time to ``emit``: a plan on ``mesh``, or a search.
+
+  ``mesh`` is ``"data,fsdp,tensor"`` (default: every device on fsdp; with
+  ``search_meshes``, the search's only mesh). A header (model, batch, chips), then
+  :func:`format_table` and :func:`describe` of the plan (and :func:`plan_sampler`'s
+  with ``sampler``) or of the fitting search results, fastest first
+  (:func:`search`), then :func:`chip_table`. Raises ValueError/TypeError on bad input.
+  """
+  cfg = experiment.model_config()
+  shape = None
+  if mesh:
+    parts = mesh.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+      raise ValueError(f"plan: --mesh must be data,fsdp,tensor (three positive ints), got {mesh!r}.")
+    shape = check_mesh([int(p) for p in parts], topology, experiment)
+  e, t = experiment, topology
+  emit(f"{e.algorithm} | {cfg.family} {cfg.num_params / 1e9:.2f}B params | batch {e.batch_size} x "
+       f"({e.prompt_len}+{e.response_len}) | {t.name} x{t.num_slices}: {t.num_devices} {t.backend} devices "
+       f"({t.chip.name}: {t.chip.hbm_gib} GiB HBM, {t.chip.bf16_tflops} bf16 TFLOP/s, {t.chip.hbm_gbps} GB/s per chip)")
+  if t.backend == "cpu":
+    emit("NOTE: libtpu is not installed: compiled for fake CPU devices; memory figures are CPU figures.")
+  if search_meshes:
+    def progress(r):
+      status = "fits" if r.fits else ("skipped" if not r.compiled else "does not fit")
+      emit(f"  mesh {','.join(map(str, r.mesh)):>9} remat {r.remat:<18} peak {r.peak_bytes / GiB:8.2f} GiB  {status}")
+    results = search(e, t, remats=None if remat is None else [remat], meshes=None if shape is None else [shape],
+                     cache_dir=cache_dir, progress=progress)
+    if not results:
+      emit("No configuration fits: add chips, shorten sequences, or shrink the batch.")
+      return
+    emit(format_table(results[:top]) + "\n")
+    emit(describe(results[0]))
+  else:
+    shape = shape or (1, t.num_devices, 1)
+    result = plan(e, t, shape, compile=compile)
+    emit(format_table([result]) + "\n")
+    emit(describe(result))
+    if sampler:
+      emit("\n" + describe(plan_sampler(e, t, shape)))
+  emit("\n" + chip_table())
+
+
 __all__ = ["CHIPS", "Chip", "Experiment", "PlanResult", "Topology", "build_step", "check_mesh",
            "chip_table", "config_hash", "describe", "format_table", "formula_flops", "get_topology",
-           "libtpu_available", "mesh_factorisations", "parse_topology", "plan", "plan_sampler", "search", "static_bytes"]
+           "libtpu_available", "mesh_factorisations", "parse_topology", "plan", "plan_sampler", "report", "search",
+           "static_bytes"]

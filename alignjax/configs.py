@@ -25,7 +25,11 @@ import math
 import numbers
 from typing import Any, Mapping, Optional
 
-__all__ = ["build_dataclass", "flatten_mapping", "nested"]
+__all__ = ["ConfigError", "build_dataclass", "coerce", "field_help", "flatten_mapping", "nested"]
+
+
+class ConfigError(ValueError):
+  """A user error in a config (one line naming the field); every launcher exits with code 2 on it."""
 
 
 def flatten_mapping(m: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -161,3 +165,21 @@ def coerce(where: str, value: Any, default: Any, *, error: type = ValueError, fi
     except TypeError:
       raise error(f"{where} must be a sequence, got {value!r}.") from None
   return value
+
+
+def field_help(cls: type, *, prefix: str = "--config.") -> str:
+  """A table of the fields of the config dataclass ``cls``: flag, default and the field's ``help`` metadata."""
+  rows = []
+
+  def walk(c, obj, path):
+    for f in dataclasses.fields(c):
+      v = getattr(obj, f.name) if obj is not None else _field_default(f)
+      if dataclasses.is_dataclass(v):
+        walk(type(v), v, f"{path}{f.name}.")
+      else:
+        rows.append((f"{prefix}{path}{f.name}", repr(v), f.metadata.get("help", "")))
+
+  walk(cls, None, "")
+  width, dwidth = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+  return "\n".join([f"Config fields of {cls.__name__} (default, meaning):"] +
+                   [f"  {n:<{width}}  {d:<{dwidth}}  {h}" for n, d, h in rows])

@@ -1,4 +1,5 @@
-"""Sampling from a model with ``launch/sample.py``.
+"""Sampling from a model with ``launch/sample.py``: the fields of
+:class:`alignjax.decoding.files.SampleConfig` (``--config_help`` lists them).
 
 Override any field on the command line, e.g.
 ``--config.model=/path/hf_dir --config.prompts=prompts.jsonl --config.output=out.jsonl
@@ -10,33 +11,23 @@ Fields:
     (``alignjax.models.checkpoint_io.save_model``).
   tokenizer: a directory ``transformers.AutoTokenizer`` reads; "" = ``model`` if it holds
     tokenizer files. Needed for text prompts; with it completions also carry ``text``.
-  prompts: JSONL, one prompt a line: a JSON string, ``{"prompt": "..."}``, a list of token
-    ids, or ``{"tokens": [ids]}``.
+  prompts: JSONL, one prompt a line: a JSON string, ``{"prompt": "..."}``, chat
+    ``{"messages": [...]}``, a list of token ids, or ``{"tokens": [ids]}``.
   output: JSONL written with one completion per prompt, in order.
   max_new_tokens, temperature (0 = greedy), top_k (0 = off), top_p (1 = off), seed.
   eos_token_ids: "auto" (the tokenizer's / generation_config.json's EOS ids), "" (none),
     or comma-separated ids, e.g. "2,7".
   pad_token_id: -1 = auto (the tokenizer's pad id, else the first EOS id, else 0).
   batch_size: rows per compiled call (the last batch is padded, so one program serves all).
-  dtype: computation dtype, "float32" or "bfloat16".
+  dtype: computation dtype, "float32", "bfloat16" or "float16".
 """
+
+import dataclasses
 
 import ml_collections
 
+from alignjax.decoding.files import SampleConfig
+
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.model = ""
-  c.tokenizer = ""
-  c.prompts = ""
-  c.output = ""
-  c.max_new_tokens = 32
-  c.temperature = 0.0
-  c.top_k = 0
-  c.top_p = 1.0
-  c.seed = 0
-  c.eos_token_ids = "auto"
-  c.pad_token_id = -1
-  c.batch_size = 8
-  c.dtype = "float32"
-  return c
+  return ml_collections.ConfigDict(dataclasses.asdict(SampleConfig()))

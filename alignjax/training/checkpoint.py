@@ -263,3 +263,77 @@ def load_policy(path: str, *, where: str = "load_policy: `path`"):
   from alignjax.training.config import ConfigError  # pylint: disable=import-outside-toplevel
   raise ConfigError(f"{where}: {path} is neither a finished run (no {FINAL_POLICY}/), an alignjax model checkpoint "
                     "nor a Hugging Face model directory.")
+
+
+# ----------------------------------------------------------------------------- conversion
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def run_tokenizer(src: str) -> Optional[str]:
+  """The tokenizer directory of a run's policy (``src``: the workdir or its final_policy), or None.
+
+  A directory holding tokenizer files is its own; else the run's ``data.tokenizer``
+  or, failing that, its ``init.checkpoint`` (followed through earlier runs' workdirs).
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  path, seen = os.path.abspath(src), set()
+  while path and path not in seen:
+    seen.add(path)
+    if any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+      return path
+    workdir = path if os.path.isdir(os.path.join(path, FINAL_POLICY)) else os.path.dirname(path)
+    try:
+      with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+        run = json.load(f)
+    except (OSError, ValueError):
+      return None
+    if not isinstance(run, dict):
+      return None
+    if run.get("data.tokenizer"):
+      return os.path.abspath(run["data.tokenizer"])
+    path = os.path.abspath(run["init.checkpoint"]) if run.get("init.checkpoint") else None
+  return None
+
+
+def convert(direction: str, src: str, dst: str, *, dtype=None, mesh=None, overwrite: bool = False,
+            tokenizer: Optional[str] = None) -> str:
+  """Converts model weights between a Hugging Face directory and an Orbax model checkpoint; returns ``dst``.
+
+  ``to_orbax`` reads ``src`` with :func:`alignjax.models.from_hf` and writes the
+  parameters and the ``ModelConfig`` (:func:`alignjax.models.checkpoint_io.save_model`);
+  ``to_hf`` restores a model checkpoint (or a run's ``final_policy``) and writes a
+  directory transformers loads unchanged (:func:`alignjax.models.to_hf`), with the
+  tokenizer files of ``tokenizer`` or else of the run (:func:`run_tokenizer`).
+  ``dtype`` is the stored parameter dtype (default: unchanged); ``mesh`` (a
+  ``jax.sharding.Mesh`` or its shape ``"data,fsdp,tensor"``) places the weights on a
+  mesh while converting, so a model larger than one device converts.
+  """
+  from alignjax import models, sharding  # pylint: disable=import-outside-toplevel
+  from alignjax.models import checkpoint_io  # pylint: disable=import-outside-toplevel
+  if isinstance(mesh, str):
+    shape = [int(x) for x in mesh.split(",") if x.strip().isdigit()]
+    if len(shape) != 3:
+      raise ValueError(f"convert: --mesh must be three integers 'data,fsdp,tensor', got {mesh!r}.")
+    mesh = sharding.make_mesh(*shape)
+  if not os.path.isdir(src):
+    raise ValueError(f"convert: --src {src} is not a directory.")
+  if os.path.exists(dst) and not overwrite:
+    raise ValueError(f"convert: --dst {dst} exists; pass --overwrite to replace it.")
+  if direction == "to_orbax":
+    model = models.from_hf(src, param_dtype=dtype, mesh=mesh)
+    return checkpoint_io.save_model(model, dst, force=overwrite)
+  if direction != "to_hf":
+    raise ValueError(f"convert: --direction must be 'to_orbax' or 'to_hf', got {direction!r}.")
+  tokenizer = tokenizer or run_tokenizer(src)
+  if os.path.isdir(os.path.join(src, FINAL_POLICY)):  # a run's workdir
+    src = os.path.join(src, FINAL_POLICY)
+  model = checkpoint_io.load_model(src, param_dtype=dtype, mesh=mesh)
+  if overwrite and os.path.isdir(dst):
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(dst)
+  models.to_hf(model, dst, tokenizer_dir=tokenizer)
+  if tokenizer is None:
+    std_logging.getLogger(__name__).warning(
+        "to_hf: no tokenizer found for %s (pass --tokenizer); %s holds the weights only.", src, dst)
+  return os.path.abspath(dst)

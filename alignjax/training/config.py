@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(configs.ConfigError):
   """A user error in the run configuration (one line; launchers exit with code 2)."""
 
 
