@@ -403,8 +403,11 @@ def _abstract_batch(experiment: Experiment, reference_mode: str):
   algo = experiment.algorithm_spec
   schema = algo.batch_schema or batch_lib.PAIRED
   sides = schema.sides + ((batch_lib.KL_SIDE,) if algo.kl_rows else ())
-  return batch_lib.abstract_batch(schema, experiment.batch_size, experiment.seq_len, sides=sides,
-                                  reference=reference_mode == "precomputed")
+  out = batch_lib.abstract_batch(schema, experiment.batch_size, experiment.seq_len, sides=sides,
+                                 reference=reference_mode == "precomputed")
+  for k in algo.token_keys:
+    out[k] = jax.ShapeDtypeStruct((experiment.batch_size, experiment.seq_len), jnp.float32)
+  return out
 
 
 def make_optimizer(experiment: Experiment):
