@@ -36,7 +36,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Optional, Sequence
+from typing import Mapping, Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -473,6 +473,10 @@ def build_step(experiment: Experiment, topology: Topology, mesh: Sequence[int], 
   cfg = experiment.model_config(remat)
   dm = sharding_lib.make_mesh(*mesh, devices=list(topology.devices))
   model = abstract_model(cfg)
+  if experiment.algorithm_spec.make_model is not None:   # the model the algorithm trains (e.g. a reward model)
+    from flax import nnx  # noqa: PLC0415
+    policy = model
+    model = nnx.eval_shape(lambda: experiment.algorithm_spec.make_model(policy, _ShapeRngs()))
   tx = make_optimizer(experiment)
   loss = algorithms.loss(experiment.algorithm)
   mode = experiment.reference_mode
@@ -802,9 +806,54 @@ def chip_table() -> str:
   return "\n".join(rows)
 
 
+def run_fields(experiment: Experiment, mesh: Sequence[int], remat: Optional[str] = None) -> dict[str, Any]:
+  """The ``launch/train.py`` config fields (dotted) that run ``experiment`` as planned on ``mesh``.
+
+  The model preset, remat policy and layer scan, mesh, precision, global batch,
+  accumulation, chunking, reference mode and sequence length: the plan, as a run.
+  Data, steps and learning rates stay the training config's.
+  """
+  if not isinstance(experiment.model, str):
+    raise ValueError("run_fields: the experiment's `model` must be a preset name to be written as a run config.")
+  cfg = experiment.model_config(remat)
+  data, fsdp, tensor = (int(x) for x in mesh)
+  fields = {
+      "loss.name": experiment.algorithm, "model.preset": experiment.model, "model.remat": cfg.remat,
+      "model.scan_layers": bool(cfg.scan_layers), "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
+      "precision.compute_dtype": experiment.dtype, "precision.param_dtype": experiment.param_dtype,
+      "precision.frozen_dtype": experiment.frozen_dtype, "batch_size": experiment.batch_size,
+      "grad_accum": experiment.grad_accum, "chunk_size": experiment.chunk_size,
+      "data.seq_len": experiment.seq_len, "max_grad_norm": float(experiment.max_grad_norm or 1e9),
+  }
+  if experiment.algorithm_spec.needs == "reference_logps":
+    fields["reference.mode"] = experiment.reference
+  return fields
+
+
+def write_run_config(path: str, fields: Mapping[str, Any], *, note: str = "") -> str:
+  """Writes a ``launch/train.py --config=PATH`` file whose ``get_config()`` is the defaults plus ``fields``.
+
+  The fields are validated now (a plan that its launcher cannot run is refused here);
+  any of them can still be overridden on the command line (``--config.model.preset=
+  llama_tiny --config.mesh.fsdp=4`` runs the same plan shrunk on fake CPU devices).
+  """
+  from alignjax.training import config as config_lib  # noqa: PLC0415
+  config_lib.build(None, **fields)
+  body = ",\n".join(f"    {k!r}: {v!r}" for k, v in fields.items())
+  text = (f'"""Run config written by launch/plan.py --emit_config.\n\n{note}\n"""\n\n'
+          "from alignjax.training import config as config_lib\n\n"
+          f"PLANNED = {{\n{body},\n}}\n\n\n"
+          "def get_config():\n"
+          "  return config_lib.to_config_dict(config_lib.build(None, **PLANNED))\n")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+  return path
+
+
 def report(experiment: Experiment, topology: Topology, mesh: Optional[str] = None, *, search_meshes: bool = False,
            remat: Optional[str] = None, compile: bool = True, sampler: bool = False,  # pylint: disable=redefined-builtin
-           cache_dir: Optional[str] = None, top: int = 10, emit=print) -> None:
+           cache_dir: Optional[str] = None, top: int = 10, emit=print, emit_config: Optional[str] = None) -> None:
   """``launch/plan.py``'s report, one line at a time to ``emit``: a plan on ``mesh``, or a search.
 
   ``mesh`` is ``"data,fsdp,tensor"`` (default: every device on fsdp; with
@@ -837,17 +886,24 @@ def report(experiment: Experiment, topology: Topology, mesh: Optional[str] = Non
       return
     emit(format_table(results[:top]) + "\n")
     emit(describe(results[0]))
+    chosen = results[0]
   else:
     shape = shape or (1, t.num_devices, 1)
     result = plan(e, t, shape, compile=compile)
     emit(format_table([result]) + "\n")
     emit(describe(result))
+    chosen = result
     if sampler:
       emit("\n" + describe(plan_sampler(e, t, shape)))
   emit("\n" + chip_table())
+  if emit_config:
+    note = (f"{e.algorithm} on {t.name} x{t.num_slices}, mesh data,fsdp,tensor = {','.join(map(str, chosen.mesh))}, "
+            f"remat {chosen.remat}: planned per-device peak {chosen.peak_bytes / GiB:.2f} GiB.")
+    path = write_run_config(emit_config, run_fields(e, chosen.mesh, chosen.remat), note=note)
+    emit(f"wrote {path}: python -m launch.train --config={path}")
 
 
 __all__ = ["CHIPS", "Chip", "Experiment", "PlanResult", "Topology", "build_step", "check_mesh",
            "chip_table", "config_hash", "describe", "format_table", "formula_flops", "get_topology",
-           "libtpu_available", "mesh_factorisations", "parse_topology", "plan", "plan_sampler", "report", "search",
-           "static_bytes"]
+           "libtpu_available", "mesh_factorisations", "parse_topology", "plan", "plan_sampler", "report", "run_fields",
+           "search", "static_bytes", "write_run_config"]

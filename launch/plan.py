@@ -54,6 +54,7 @@ flags.DEFINE_bool("compile", True, "--nocompile: per-device lower bound (params+
 flags.DEFINE_integer("top", 10, "Rows of the --search table.")
 flags.DEFINE_string("cache_dir", None, "Search cache (default $ALIGNJAX_AOT_CACHE or ~/.cache/alignjax/aot).")
 flags.DEFINE_enum("backend", "auto", ["auto", "tpu", "cpu"], "tpu (libtpu), cpu (fake devices) or auto.")
+flags.DEFINE_string("emit_config", None, "Write the chosen plan as a config file that launch/train.py --config=PATH runs.")
 
 
 def main(argv):
@@ -64,7 +65,7 @@ def main(argv):
     exp = aot.Experiment(**{x.name: f[x.name].value for x in dataclasses.fields(aot.Experiment) if x.name in f})
     topo = aot.get_topology(f.topology, num_slices=f.num_slices, backend=f.backend)
     aot.report(exp, topo, f.mesh, search_meshes=f.search, remat=f.remat, compile=f.compile, sampler=f.sampler,
-               cache_dir=f.cache_dir, top=f.top, emit=lambda line: print(line, flush=True))
+               cache_dir=f.cache_dir, top=f.top, emit=lambda line: print(line, flush=True), emit_config=f.emit_config)
   except (ValueError, TypeError) as e:
     print(f"plan: {e}", file=sys.stderr)
     return 2

@@ -221,3 +221,38 @@ def test_plan_launcher_bad_topology_exits_2():
   assert out.returncode == 2, out.stderr[-2000:]
   lines = [l for l in out.stderr.splitlines() if l.startswith("plan:")]
   assert len(lines) == 1 and "unknown topology" in lines[0] and "v5e:2x2" in lines[0]
+
+
+def test_emit_config_round_trip_runs_on_fake_devices(tmp_path):
+  """launch/plan.py --emit_config writes the plan as a config that launch/train.py runs (shrunk on 4 CPU devices)."""
+  import subprocess
+  import sys
+  from pathlib import Path
+  from alignjax.training import config as config_lib
+  root = Path(__file__).resolve().parents[1]
+  py = str(root / ".venv" / "bin" / "python") if (root / ".venv" / "bin" / "python").exists() else sys.executable
+  exp = aot.Experiment(algorithm="dpo", model="llama_100m", batch_size=8, prompt_len=16, response_len=16,
+                       grad_accum=2, reference="precomputed", remat="full", dtype="bfloat16")
+  path = str(tmp_path / "plan.py")
+  lines = []
+  aot.report(exp, aot.get_topology("v5e:2x2", backend="cpu"), "1,2,2", compile=False, emit=lines.append,
+             emit_config=path)
+  assert any(path in line for line in lines)
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("plan_cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = config_lib.build(module.get_config())
+  want = {"model.preset": "llama_100m", "model.remat": "full", "mesh.fsdp": 2, "mesh.tensor": 2, "grad_accum": 2,
+          "batch_size": 8, "precision.compute_dtype": "bfloat16", "reference.mode": "precomputed"}
+  flat = config_lib.flatten(cfg)
+  assert {k: flat[k] for k in want} == want
+  env = dict(__import__("os").environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run([py, "-m", "launch.train", f"--config={path}", f"--workdir={tmp_path / 'run'}",
+                         "--config.model.preset=llama_tiny", "--config.sft.steps=1", "--config.dpo.steps=2",
+                         "--config.data.train_examples=64", "--config.data.eval_examples=8",
+                         "--config.eval_batch_size=8", "--config.log_every=1"],
+                        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / "run" / "final_metrics.json").exists()

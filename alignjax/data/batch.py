@@ -144,11 +144,15 @@ def unpair(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Paired rows -> unpaired rows: every chosen row desirable, every rejected row not.
 
   As TRL's ``unpair_preference_dataset``: ``2B`` rows, the chosen ones first.
-  Extra keys are dropped.
+  Precomputed reference log-probs follow their rows; other extra keys are dropped.
   """
   check_batch(batch, PAIRED)
   out = {f"completion_{f}": np.concatenate([np.asarray(batch[key("chosen", f)]),
                                             np.asarray(batch[key("rejected", f)])]) for f in FIELDS}
+  for kind in ("logps", "mean_logps"):
+    if f"reference_chosen_{kind}" in batch:
+      out[f"reference_completion_{kind}"] = np.concatenate([np.asarray(batch[f"reference_chosen_{kind}"]),
+                                                            np.asarray(batch[f"reference_rejected_{kind}"])])
   b = np.shape(batch["chosen_tokens"])[0]
   out[DESIRABLE] = np.concatenate([np.ones(b, bool), np.zeros(b, bool)])
   return out
@@ -251,10 +255,13 @@ def swap_pairs(batch: Mapping[str, Any]) -> dict[str, Any]:
   """
   out = {}
   for k, v in batch.items():
-    if k.startswith("chosen_"):
-      out["rejected_" + k[len("chosen_"):]] = v
-    elif k.startswith("rejected_"):
-      out["chosen_" + k[len("rejected_"):]] = v
+    for prefix in ("", "reference_"):   # precomputed reference log-probs swap with their rows
+      if k.startswith(prefix + "chosen_"):
+        out[prefix + "rejected_" + k[len(prefix + "chosen_"):]] = v
+        break
+      if k.startswith(prefix + "rejected_"):
+        out[prefix + "chosen_" + k[len(prefix + "rejected_"):]] = v
+        break
     else:
       out[k] = v
   return out

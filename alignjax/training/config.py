@@ -26,7 +26,8 @@ from alignjax import configs
 from alignjax.training import algorithms
 
 __all__ = [
-    "ConfigError", "DATA_KINDS", "DataConfig", "DistillSpec", "InitConfig", "MeshSpec", "ModelSpec", "PhaseConfig",
+    "ConfigError", "DATA_KINDS", "DataConfig", "DistillSpec", "InitConfig", "LoRASpec", "MeshSpec", "ModelSpec",
+    "PhaseConfig", "PrecisionSpec", "ReferenceSpec",
     "RunConfig", "RESUMABLE_FIELDS", "build", "field_help", "flatten", "hparams", "identity", "identity_diff",
     "loss_names", "loss_spec_class", "student_vocab", "to_config_dict",
 ]
@@ -68,21 +69,32 @@ class ModelSpec:
 
   The vocabulary comes from the data (the sorting task's tokens).
   """
-  preset: str = _f("llama_tiny", "model preset (ModelConfig.llama_tiny)")
+  preset: str = _f("llama_tiny", "model preset: llama_tiny (sized by the fields below, vocabulary from the data) or "
+                   "an architecture of alignjax.models.presets (llama3_8b, llama3_70b, gemma2_9b, qwen2_5_7b, ...; "
+                   "random init unless init.checkpoint)")
   hidden_size: int = _f(64, "model width (>= 1)")
   intermediate_size: int = _f(128, "MLP hidden width (>= 1)")
   num_layers: int = _f(2, "decoder blocks (>= 1)")
   num_heads: int = _f(4, "query heads (>= 1)")
   num_kv_heads: int = _f(2, "key/value heads (divides num_heads)")
   head_dim: int = _f(16, "per-head width (>= 1)")
+  remat: str = _f("none", "rematerialisation of each block in the backward pass: none, full, dots, dots_no_batch, "
+                  "save_attention_out (also applied to an init.checkpoint model)")
+  scan_layers: bool = _f(False, "run the blocks under nnx.scan over stacked parameters (compile time and HLO size "
+                         "independent of depth; checkpoints stay per-layer on disk)")
 
   def model_config(self, vocab_size: int):
-    """The :class:`alignjax.models.ModelConfig` for a vocabulary of ``vocab_size``."""
+    """The :class:`alignjax.models.ModelConfig`: ``llama_tiny`` sized by these fields for a vocabulary of
+    ``vocab_size``, or another preset of :data:`alignjax.models.presets.PRESET_NAMES` as published."""
     from alignjax.models import ModelConfig  # pylint: disable=import-outside-toplevel
+    if self.preset != "llama_tiny":
+      from alignjax.models import presets  # pylint: disable=import-outside-toplevel
+      return presets.get(self.preset, remat=self.remat, scan_layers=self.scan_layers)
     preset = getattr(ModelConfig, self.preset)
     return preset(vocab_size=vocab_size, hidden_size=self.hidden_size,
                   intermediate_size=self.intermediate_size, num_layers=self.num_layers,
-                  num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+                  num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                  remat=self.remat, scan_layers=self.scan_layers)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -199,6 +211,44 @@ class DistillSpec:
   eos_token_id: int = _f(3, "on-policy: the EOS token that ends a sampled response (3: the generated tasks')")
 
 
+PRECISIONS = ("float32", "bfloat16")
+REFERENCE_MODES = ("online", "precomputed", "free", "adapter_off")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrecisionSpec:
+  """Mixed precision: float32 master weights and optimizer state, parameters cast for forward/backward."""
+  compute_dtype: str = _f("float32", "forward/backward dtype: float32 or bfloat16 (norm statistics, attention "
+                          "softmax and losses stay float32)")
+  param_dtype: str = _f("float32", "storage dtype of the trained (master) parameters and optimizer state")
+  frozen_dtype: str = _f("", "storage dtype of frozen models (reference, teachers); '' = compute_dtype")
+
+  @property
+  def frozen(self) -> str:
+    return self.frozen_dtype or self.compute_dtype
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReferenceSpec:
+  """Where the reference log-probs come from (algorithms that need only those; others use their own)."""
+  mode: str = _f("online", "online (a frozen copy of the policy at the start of the preference phase), "
+                 "precomputed (one pass writes its log-probs, then the model is dropped from memory), free "
+                 "(reference-free), adapter_off (LoRA: the policy's weights with the adapters off)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRASpec:
+  """Low-rank adapters (qwix, as Tunix): only adapters are trained and checkpointed."""
+  rank: int = _f(0, "adapter rank (0: full fine-tuning)")
+  alpha: float = _f(16.0, "adapter scale numerator: the update is (alpha / rank) A B (> 0)")
+  targets: str = _f(".*attn/(q|k|v|o)", "regex over parameter paths (layers/3/attn/q, layers/3/mlp/up, ...)")
+  dropout: float = _f(0.0, "dropout on the adapter input, in [0, 1)")
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshSpec:
   """The device mesh (``alignjax.sharding.make_mesh``); all 1 = one device, no mesh."""
@@ -225,7 +275,12 @@ class RunConfig:
   loss: Any = dataclasses.field(default_factory=lambda: loss_spec_class()())
   distill: DistillSpec = dataclasses.field(default_factory=DistillSpec)
   mesh: MeshSpec = dataclasses.field(default_factory=MeshSpec)
+  precision: PrecisionSpec = dataclasses.field(default_factory=PrecisionSpec)
+  reference: ReferenceSpec = dataclasses.field(default_factory=ReferenceSpec)
+  lora: LoRASpec = dataclasses.field(default_factory=LoRASpec)
   batch_size: int = _f(32, "preference pairs per step (>= 1)")
+  grad_accum: int = _f(1, "micro-batches per step (divides batch_size; equals one big batch exactly)")
+  chunk_size: int = _f(128, "positions per chunk of the label log-probs (no float32 [B, T, V]; >= 1)")
   eval_batch_size: int = _f(128, "pairs per evaluation batch (>= 1)")
   weight_decay: float = _f(0.0, "AdamW weight decay (>= 0)")
   max_grad_norm: float = _f(1.0, "global-norm gradient clipping (> 0)")
@@ -336,7 +391,12 @@ def replace(cfg: RunConfig, **dotted: Any) -> RunConfig:
   return build(cfg, **dotted)
 
 
-MODEL_PRESETS = ("llama_tiny",)
+def _model_presets() -> tuple[str, ...]:
+  from alignjax.models import presets  # pylint: disable=import-outside-toplevel
+  return presets.PRESET_NAMES
+
+
+MODEL_PRESETS = ("llama_tiny",)   # sized by config.model.*; see _model_presets() for every preset
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -360,7 +420,12 @@ def validate(cfg: RunConfig) -> None:
   _check(d.kind != "file" or bool(d.tokenizer),
          "config.data.tokenizer must name the tokenizer (HF checkpoint) directory for config.data.kind='file'.")
   _check(d.seq_len >= 2, f"config.data.seq_len must be >= 2, got {d.seq_len}.")
-  _check(m.preset in MODEL_PRESETS, f"config.model.preset must be one of {list(MODEL_PRESETS)}, got {m.preset!r}.")
+  _check(m.preset in _model_presets(), f"config.model.preset must be one of {list(_model_presets())}, got {m.preset!r}.")
+  if m.preset != "llama_tiny":
+    sized = [f for f in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+             if getattr(m, f) != getattr(ModelSpec(), f)]
+    _check(not sized, f"config.model.{', config.model.'.join(sized)} size the llama_tiny preset only, not "
+           f"{m.preset!r} (its published architecture).")
   for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
     v = getattr(m, name)
     _check(v >= 1, f"config.model.{name} must be >= 1, got {v}.")
@@ -405,6 +470,7 @@ def validate(cfg: RunConfig) -> None:
     _check(size % shards == 0,
            f"config.{name} ({size}) must be divisible by config.mesh.data * config.mesh.fsdp ({shards}): "
            "the batch is split over those axes.")
+  _validate_pod_fields(cfg, algo)
   _check(cfg.distill.max_new_tokens >= 0,
          f"config.distill.max_new_tokens must be >= 0, got {cfg.distill.max_new_tokens}.")
   if algo.needs != "teachers":
@@ -416,6 +482,47 @@ def validate(cfg: RunConfig) -> None:
       algo.validate_run(cfg)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+
+
+def _validate_pod_fields(cfg: RunConfig, algo) -> None:
+  """Precision, remat, accumulation, chunking, reference mode and LoRA (before any data or model work)."""
+  pr, m, ref, lora = cfg.precision, cfg.model, cfg.reference, cfg.lora
+  for name in ("compute_dtype", "param_dtype"):
+    _check(getattr(pr, name) in PRECISIONS,
+           f"config.precision.{name} must be one of {', '.join(PRECISIONS)}, got {getattr(pr, name)!r}.")
+  _check(pr.frozen_dtype in ("",) + PRECISIONS,
+         f"config.precision.frozen_dtype must be '' or one of {', '.join(PRECISIONS)}, got {pr.frozen_dtype!r}.")
+  from alignjax.models.config import REMAT_POLICIES  # pylint: disable=import-outside-toplevel
+  _check(m.remat in REMAT_POLICIES, f"config.model.remat must be one of {', '.join(REMAT_POLICIES)}, got {m.remat!r}.")
+  _check(cfg.chunk_size >= 1, f"config.chunk_size must be >= 1, got {cfg.chunk_size}.")
+  _check(cfg.grad_accum >= 1, f"config.grad_accum must be >= 1, got {cfg.grad_accum}.")
+  shards = cfg.mesh.data * cfg.mesh.fsdp
+  _check(cfg.batch_size % cfg.grad_accum == 0,
+         f"config.grad_accum ({cfg.grad_accum}) must divide config.batch_size ({cfg.batch_size}).")
+  _check((cfg.batch_size // cfg.grad_accum) % shards == 0,
+         f"config.batch_size / config.grad_accum ({cfg.batch_size // cfg.grad_accum}) must be divisible by "
+         f"config.mesh.data * config.mesh.fsdp ({shards}): each micro-batch is split over those axes.")
+  _check(ref.mode in REFERENCE_MODES,
+         f"config.reference.mode must be one of {', '.join(REFERENCE_MODES)}, got {ref.mode!r}.")
+  if ref.mode != "online":
+    _check(algo.needs == "reference_logps",
+           f"config.reference.mode={ref.mode!r} needs an algorithm that uses only reference log-probs; "
+           f"{algo.name!r} needs {algo.needs!r} (online only).")
+  _check(ref.mode != "precomputed" or not algo.kl_rows,
+         f"config.reference.mode='precomputed': {algo.name!r} scores mismatched KL rows rebuilt in every batch; "
+         "use reference.mode=online.")
+  _check(ref.mode != "free" or algo.reference_free_ok,
+         f"config.reference.mode='free': {algo.name!r} cannot run reference-free.")
+  _check(ref.mode != "adapter_off" or lora.enabled,
+         "config.reference.mode='adapter_off' needs LoRA (config.lora.rank > 0).")
+  _check(lora.rank >= 0, f"config.lora.rank must be >= 0, got {lora.rank}.")
+  _check(math.isfinite(lora.alpha) and lora.alpha > 0, f"config.lora.alpha must be a finite number > 0, got {lora.alpha}.")
+  _check(0.0 <= lora.dropout < 1.0, f"config.lora.dropout must be in [0, 1), got {lora.dropout}.")
+  if lora.enabled:
+    try:
+      re.compile(lora.targets)
+    except re.error as e:
+      raise ConfigError(f"config.lora.targets is not a valid regex ({e}): {lora.targets!r}.") from None
 
 
 def student_vocab(cfg: RunConfig):

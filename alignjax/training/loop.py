@@ -265,14 +265,80 @@ def _schema_adapter(algorithm, cfg: RunConfig):
   return adapt
 
 
+def _cast_floats(tree, dtype: str):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def _frozen_models(algorithm, cfg: RunConfig, policy, mesh):
-  """``(Reference, frozen params)`` of the preference phase: the algorithm's own frozen models, or the reference."""
+  """``(Reference, frozen params)`` of the preference phase (frozen params stored in ``precision.frozen``).
+
+  The algorithm's own frozen models (``load_frozen``), nothing (``needs == "none"``),
+  or the reference by ``config.reference.mode``: online (params of the policy at
+  the start of the preference phase, kept in the checkpointed objects), precomputed
+  (log-probs in the batch), free (zero).
+  """
   from alignjax.training import reference as reference_lib  # pylint: disable=import-outside-toplevel
   if algorithm.load_frozen is not None:
-    return reference_lib.teachers(**algorithm.load_frozen(cfg, policy.config.vocab_size), mesh=mesh)
+    ref, params = reference_lib.teachers(**algorithm.load_frozen(cfg, policy.config.vocab_size), mesh=mesh)
+    return ref, _cast_floats(params, cfg.precision.frozen)
   if algorithm.needs == "none":
     return reference_lib.none()
+  mode = cfg.reference.mode
+  if mode == "precomputed":
+    return reference_lib.precomputed()
+  if mode == "free":
+    return reference_lib.free()
   return reference_lib.online(policy, mesh=mesh)
+
+
+class _Indexed:
+  """A random-access source whose records carry their index (``example_index``)."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int):
+    return dict(self._source[i], example_index=i)
+
+
+def _precompute_reference(cfg: RunConfig, workdir: str, params, policy, train_source, eval_data, adapt, mesh):
+  """``(train store, eval_data with reference keys)``: one pass of the reference (the policy at ``params``).
+
+  Written once to ``<workdir>/reference_logps/{train,eval}`` (by example index); a
+  resumed run reads them back and never holds the reference model.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from alignjax.data import to_arrays  # pylint: disable=import-outside-toplevel
+  from alignjax.training import reference as reference_lib  # pylint: disable=import-outside-toplevel
+  root = os.path.join(workdir, "reference_logps")
+  out = {}
+  for split, source in (("train", train_source), ("eval", eval_data)):
+    path = os.path.join(root, split)
+    if params is not None:
+      graphdef, _, rest = nnx.split(policy, nnx.Param, ...)
+      model = nnx.merge(graphdef, params, rest)
+      n = len(source) if split == "train" else len(next(iter(source.values())))
+      step = cfg.eval_batch_size
+
+      def batches():
+        for i in range(0, n, step):
+          idx = np.arange(i, min(i + step, n))
+          rows = to_arrays([source[j] for j in idx]) if split == "train" else {
+              k: v[idx] for k, v in source.items()}
+          yield idx, {k: v for k, v in rows.items() if k != "example_index"}
+      first_on_process_zero(lambda: reference_lib.precompute(model, batches(), path, num_examples=n,
+                                                             chunk_size=cfg.chunk_size, mesh=None),
+                            f"alignjax-reference-{split}")
+    out[split] = reference_lib.load(path)
+  n_eval = len(next(iter(eval_data.values())))
+  eval_data = adapt(reference_lib.attach(eval_data, out["eval"], np.arange(n_eval)))
+  return out["train"], eval_data
 
 
 def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dict[str, Any]:
@@ -303,8 +369,16 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
 
   mesh = make_mesh(cfg.mesh)
   policy = make_policy(cfg, vocab_size)
+  if algo.make_model is not None:   # the model the algorithm trains, built on the policy (e.g. a reward model)
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    policy = algo.make_model(policy, nnx.Rngs(cfg.seed + 1))
   sft_steps, total = cfg.sft.steps, cfg.sft.steps + cfg.dpo.steps
   pref_ref, pref_frozen_models = _frozen_models(algo, cfg, policy, mesh)
+  precomputed = pref_ref.mode == "precomputed"
+  if precomputed:   # the reference log-probs are looked up by example index
+    train_source = _Indexed(train_source)
+    train_ds = preference_batches(train_source, cfg.batch_size, seed=cfg.seed)
+    raw_eval = to_arrays(eval_source)
   seq_len = int(np.shape(eval_data[batch_lib.detect(eval_data).first_key])[1])
   rollout = algo.rollout(cfg, policy, seq_len) if algo.rollout is not None else None
   phases = [
@@ -317,12 +391,18 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   # Everything a resumed run needs, as pytrees: both phases' train states and the frozen
   # reference (the policy at the end of SFT); sharded over the mesh if any.
   objects = {"sft": steps_lib.init_state(policy, sft.tx, mesh=mesh),
-             "pref": steps_lib.init_state(policy, pref.tx, mesh=mesh),
-             "reference": jax.tree.map(jnp.copy, reference_lib.online(policy, mesh=mesh)[1]["reference"])}
-  pref.frozen = ((lambda: pref_frozen_models) if algo.load_frozen is not None or algo.needs == "none"
-                 else (lambda: {"reference": objects["reference"]}))
+             "pref": steps_lib.init_state(policy, pref.tx, mesh=mesh)}
+  online_reference = pref_ref.mode == "online" and algo.load_frozen is None and algo.needs != "none"
+  if online_reference or algo.load_frozen is not None:   # (teacher runs keep it too, as before)
+    objects["reference"] = _cast_floats(reference_lib.online(policy, mesh=mesh)[1]["reference"],
+                                        cfg.precision.frozen)
+  pref.frozen = ((lambda: {"reference": objects["reference"]}) if online_reference
+                 else (lambda: pref_frozen_models))
+  reference_store = {}
 
   def pref_data(host_batch, step):
+    if precomputed:
+      host_batch = reference_lib.attach(host_batch, reference_store["train"], host_batch["example_index"])
     host_batch = adapt(host_batch)
     return rollout(objects["pref"].params, host_batch, step) if rollout is not None else host_batch
   pref.data = pref_data
@@ -353,13 +433,23 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
         f"steps: sft {sft_steps} + preference {cfg.dpo.steps}")
 
     # Non-finite updates are never applied (skip_nonfinite); the loop then stops or goes on.
-    step_kwargs = dict(max_grad_norm=cfg.max_grad_norm, skip_nonfinite=True, mesh=mesh)
+    compute = None if cfg.precision.compute_dtype == cfg.precision.param_dtype else cfg.precision.compute_dtype
+    step_kwargs = dict(max_grad_norm=cfg.max_grad_norm, skip_nonfinite=True, mesh=mesh, grad_accum=cfg.grad_accum,
+                       compute_dtype=compute, chunk_size=cfg.chunk_size)
     step_fns = {ph.key: steps_lib.make_train_step(policy, ph.tx, ph.loss, ph.reference, **step_kwargs)
                 for ph in phases if ph.stop > ph.start}
-    pref_eval = steps_lib.make_eval_step(policy, pref_loss, pref_ref, mesh=mesh)
+    pref_eval = steps_lib.make_eval_step(policy, pref_loss, pref_ref, mesh=mesh, compute_dtype=compute,
+                                         chunk_size=cfg.chunk_size)
 
     def evaluate_pref(params):
-      return evaluate(pref_eval, params, pref.frozen(), eval_data, cfg.eval_batch_size, to_device=to_device)
+      return evaluate(pref_eval, params, pref.frozen(), reference_store.get("eval", eval_data), cfg.eval_batch_size,
+                      to_device=to_device)
+
+    def load_reference(params):
+      """Precomputed mode: the reference pass at the start of the preference phase (or its files)."""
+      if precomputed and "train" not in reference_store:
+        reference_store["train"], reference_store["eval"] = _precompute_reference(
+            cfg, workdir, params, policy, train_source, raw_eval, adapt, mesh)
 
     def start_preference_phase():
       """The policy after SFT starts the preference phase and is its frozen reference."""
@@ -367,8 +457,14 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
       objects["pref"] = steps_lib.TrainState(
           objects["pref"].step * 0, jax.tree.map(jnp.copy, params), jax.jit(pref.tx.init)(params),
           objects["pref"].skipped * 0)
-      objects["reference"] = jax.tree.map(jnp.copy, params)
+      if "reference" in objects:
+        objects["reference"] = _cast_floats(jax.tree.map(jnp.copy, params), cfg.precision.frozen)
+      if precomputed:
+        reference_store.clear()
+        load_reference(params)
 
+    if start > sft_steps:
+      load_reference(None)
     before = None
     before_path = os.path.join(workdir, "eval_before.json")
     if start >= sft_steps and start > 0 and os.path.exists(before_path):
@@ -528,18 +624,51 @@ def open_data(cfg: RunConfig, workdir: str):
   return train, (ev if n_eval else train), load_tokenizer(file_cfg.tokenizer_dir).vocab_size, f"preference file {d.path}"
 
 
+def with_numerics(model, *, dtype: str, param_dtype: str, remat: str, scan_layers: bool):
+  """``model`` with the run's compute/storage dtypes, remat policy and layer layout (same weights).
+
+  Returns ``model`` itself when nothing changes; else a new model whose parameters
+  are the old ones cast to ``param_dtype`` (stacked or unstacked for ``scan_layers``).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from alignjax.models import transformer as transformer_lib  # pylint: disable=import-outside-toplevel
+  cfg = model.config
+  if (cfg.dtype, cfg.param_dtype, cfg.remat) != (dtype, param_dtype, remat):
+    new_cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    out = nnx.eval_shape(lambda: type(model)(new_cfg, rngs=nnx.Rngs(0)))
+    state = jax.tree.map(lambda x: x.astype(param_dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x,
+                         nnx.state(model, nnx.Param))
+    nnx.update(out, state)
+    model = out
+  if cfg.scan_layers != scan_layers:
+    model = transformer_lib.stack_layers(model) if scan_layers else transformer_lib.unstack_layers(model)
+  return model
+
+
 def make_policy(cfg: RunConfig, vocab_size: int):
-  """The policy model: ``config.model`` for ``vocab_size`` (random init), or ``init.checkpoint``'s model."""
+  """The policy model: ``config.model`` for ``vocab_size`` (random init), or ``init.checkpoint``'s model.
+
+  Either way with the run's numerics: ``precision.compute_dtype`` / ``param_dtype``,
+  ``model.remat`` and ``model.scan_layers``.
+  """
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from alignjax.models import Transformer  # pylint: disable=import-outside-toplevel
+  numerics = dict(dtype=cfg.precision.compute_dtype, param_dtype=cfg.precision.param_dtype,
+                  remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
   if not cfg.init.checkpoint:
-    return Transformer(cfg.model.model_config(vocab_size), rngs=nnx.Rngs(cfg.seed))
+    model_cfg = dataclasses.replace(cfg.model.model_config(vocab_size), **numerics)
+    if model_cfg.vocab_size < vocab_size:
+      raise ConfigError(f"config.model.preset: {cfg.model.preset!r} has vocab_size {model_cfg.vocab_size}, smaller "
+                        f"than the data's {vocab_size}.")
+    return Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))
   policy = load_policy(cfg.init.checkpoint, where="config.init.checkpoint")
   if policy.config.vocab_size < vocab_size:
     raise ConfigError(f"config.init.checkpoint: its model's vocab_size {policy.config.vocab_size} is smaller than "
                       f"the data's {vocab_size}.")
+  policy = with_numerics(policy, **numerics)
   # Fresh, uncommitted buffers like a random init's (restored arrays are committed to a device,
   # which makes the first jitted step compile a second time).
   nnx.update(policy, jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), nnx.state(policy)))
