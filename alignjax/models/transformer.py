@@ -93,14 +93,20 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotary embedding, half-split layout: x [B,T,H,Dh], positions [B,T]."""
+  """Rotary embedding, half-split layout: x [B,T,H,Dh], positions [B,T].
+
+  Angles, cos/sin and the rotation are computed in float32 and the result cast back to
+  x's dtype once (transformers rounds cos/sin to bf16 and rotates in bf16: at positions
+  in the thousands the rounded angles' error is what bf16 RoPE loses).
+  """
   freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
-  cos = jnp.cos(emb).astype(x.dtype)[:, :, None]
-  sin = jnp.sin(emb).astype(x.dtype)[:, :, None]
+  cos = jnp.cos(emb)[:, :, None]
+  sin = jnp.sin(emb)[:, :, None]
+  xf = x.astype(jnp.float32)
   half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos + rotated * sin
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
 
 
 class Norm(nnx.Module):
@@ -179,13 +185,16 @@ class Attention(nnx.Module):
     B, T, H, Dh = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * cfg.attention_scale
+    # Scores accumulate and stay in float32 (never rounded to bf16), softmax in float32.
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                        preferred_element_type=jnp.float32) * cfg.attention_scale
     if cfg.attn_logit_softcap is not None:
       cap = cfg.attn_logit_softcap
       scores = jnp.tanh(scores / cap) * cap
     scores = jnp.where(key_mask[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v,
+                     preferred_element_type=jnp.float32).astype(v.dtype).reshape(B, T, H, Dh)
     out = checkpoint_name(out, "attention_out")
     y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(x.dtype))
     if self.o_bias is not None:
@@ -215,12 +224,13 @@ class MLP(nnx.Module):
     return y if b is None else y + b[...].astype(x.dtype)
 
   def __call__(self, x):
-    up = self._dense(x, self.up, self.up_bias)
+    # The activation (and the gate product) in float32, rounded to the compute dtype once.
+    up = self._dense(x, self.up, self.up_bias).astype(jnp.float32)
     if self.gate is not None:
-      h = self.act(self._dense(x, self.gate, self.gate_bias)) * up
+      h = self.act(self._dense(x, self.gate, self.gate_bias).astype(jnp.float32)) * up
     else:
       h = self.act(up)
-    return self._dense(h, self.down, self.down_bias)
+    return self._dense(h.astype(x.dtype), self.down, self.down_bias)
 
 
 class Block(nnx.Module):
@@ -282,7 +292,7 @@ class Transformer(nnx.Module):
   """Decoder-only transformer for every family in `ModelConfig.family`.
 
   ``model(tokens [B,T] int32, attention_mask=None, *, positions=None, cache=None,
-  return_hidden=False)`` -> logits [B,T,V] in the compute dtype (or the final-normed hidden
+  return_hidden=False)`` -> logits [B,T,V] in float32 (or the final-normed hidden
   [B,T,D] with ``return_hidden``); with a cache -> ``(out, new_cache)``.
   """
 
@@ -303,11 +313,15 @@ class Transformer(nnx.Module):
 
   # -------------------------------------------------------------- public helpers
   def unembed(self, hidden: jax.Array) -> jax.Array:
-    """Logits [..., V] from final-normed hidden [..., D] (tied or untied head, final soft-cap)."""
+    """Float32 logits [..., V] from final-normed hidden [..., D] (tied or untied head, final soft-cap)."""
+    # Float32 logits (accumulated in float32 from the compute-dtype hidden and weights): a
+    # bf16 logit of magnitude 20 is only known to 0.125, which log-probs inherit.
     if self.lm_head is None:
-      logits = hidden @ self.embed[...].astype(hidden.dtype).T
+      logits = jnp.einsum("...d,vd->...v", hidden, self.embed[...].astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
     else:
-      logits = hidden @ self.lm_head[...].astype(hidden.dtype)
+      logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
     cap = self.config.final_logit_softcap
     if cap is not None:
       logits = jnp.tanh(logits / cap) * cap
