@@ -400,8 +400,21 @@ def _truncate_prompt(ids: list[int], limit: int, prefix: Sequence[int]) -> list[
   return ids[:keep] + ids[len(ids) - (limit - keep):]
 
 
-def _truncate_turns(messages: list, limit: int, tokenizer: HFTokenizer) -> list[int] | None:
-  """Ids of the longest suffix of whole turns (system messages kept) whose rendering fits ``limit``.
+def fit_prompt_turns(messages: list, limit: int, tokenizer: HFTokenizer) -> list | None:
+  """The longest suffix of whole turns of a chat prompt (system messages kept) that renders to <= ``limit`` ids.
+
+  The rendering is ``apply_chat_template(..., add_generation_prompt=True)``; a kept
+  history starts at a user message. Returns the messages (``messages`` itself when
+  it fits), or None when even the last user turn alone is too long.
+  """
+  if len(tokenizer.chat_prompt_ids(messages)) <= limit:
+    return list(messages)
+  ids = _truncate_turns(messages, limit, tokenizer)
+  return None if ids is None else ids[1]
+
+
+def _truncate_turns(messages: list, limit: int, tokenizer: HFTokenizer):
+  """``(ids, messages)`` of the longest suffix of whole turns (system messages kept) that fits ``limit``.
 
   Kept histories start at a user message; None when even the last user turn alone is too long.
   """
@@ -409,9 +422,10 @@ def _truncate_turns(messages: list, limit: int, tokenizer: HFTokenizer) -> list[
   rest = [m for m in messages if m.get("role") != "system"]
   starts = [k for k in range(1, len(rest)) if rest[k].get("role") == "user"]
   for k in starts:
-    ids = tokenizer.encode(tokenizer.apply_chat_template(system + rest[k:], add_generation_prompt=True))
+    kept = system + rest[k:]
+    ids = tokenizer.encode(tokenizer.apply_chat_template(kept, add_generation_prompt=True))
     if len(ids) <= limit:
-      return ids
+      return ids, kept
   return None
 
 
@@ -458,10 +472,11 @@ def tokenize_pairs(records: Iterable[tuple[int, Any]], tokenizer: HFTokenizer, o
           report.drop(TOO_LONG, row)
           continue
         if kind == "chat":
-          p_ids = _truncate_turns(messages, options.max_prompt_len, tokenizer)
-          if p_ids is None:
+          cut = _truncate_turns(messages, options.max_prompt_len, tokenizer)
+          if cut is None:
             report.drop(TOO_LONG, row)
             continue
+          p_ids = cut[0]
         else:
           p_ids = _truncate_prompt(p_ids, options.max_prompt_len, tokenizer.prompt_prefix)
         cut_prompt = True
