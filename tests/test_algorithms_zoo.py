@@ -18,8 +18,8 @@ def test_config_help_lists_every_new_method_and_its_fields():
   text = config_lib.field_help()
   for name in NEW:
     assert f"\n  {name} " in text
-  for field in ("desirable_weight", "undesirable_weight", "gamma", "cpo_alpha", "nll_tokens", "pairing", "only_neg", "mask",
-                "positions"):
+  for field in ("desirable_weight", "undesirable_weight", "gamma", "cpo_alpha", "nll_tokens", "pairing", "only_neg",
+                "mask", "positions"):
     assert f"--config.loss.{field} " in text
 
 
