@@ -45,7 +45,10 @@ Arguments:
   mesh: ``jax.sharding.Mesh`` (axes data/fsdp/tensor) or None for one device; with a
     mesh the state is sharded with the rule table and the batch over ``batch_sharding``.
   grad_accum: micro-batches per step (``lax.scan``; equals one big batch exactly:
-    losses are ``sum(w l) / sum(w)`` over the whole batch).
+    losses are ``sum(w l) / sum(w)`` over the whole batch; an algorithm's
+    ``batch_statistics`` -- e.g. KTO's KL point, TRL's batch token-mean NLL of
+    ORPO/CPO -- are evaluated on every micro-batch before the gradient and
+    handed, for the whole batch, to every micro-batch's objective).
   max_grad_norm: global-norm clipping of the accumulated gradient (None: off).
   compute_dtype: e.g. ``jnp.bfloat16``: parameters are cast for the forward/backward
     while ``state.params`` (the master weights) keep their dtype (float32).
