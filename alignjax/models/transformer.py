@@ -134,6 +134,28 @@ class Norm(nnx.Module):
     return (self.scale[...] * y.astype(x.dtype)).astype(x.dtype)
 
 
+def _linear(module: nnx.Module, name: str, x: jax.Array, eq: str, *, n_in: int) -> jax.Array:
+  """``einsum(eq, x, W)`` for the weight ``module.<name>``, plus its LoRA adapter if it has one.
+
+  A weight W [in..., out...] (its first `n_in` axes contracted with x's last ones) may
+  carry ``<name>_lora_a`` [in..., r] and ``<name>_lora_b`` [r, out...] (nnx.LoRAParam, set
+  by `alignjax.models.lora.apply_lora`); the output is then
+  x·W + (alpha / r)·(dropout(x)·A)·B, as LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation
+  of Large Language Models", arXiv:2106.09685, Eq. 3) and qwix's LoraProvider compute it.
+  ``module.lora_enabled = False`` (`lora.adapters_off`) gives the base weights' output.
+  """
+  y = jnp.einsum(eq, x, getattr(module, name)[...].astype(x.dtype))
+  a = getattr(module, name + "_lora_a", None)
+  if a is None or not getattr(module, "lora_enabled", True):
+    return y
+  b = getattr(module, name + "_lora_b")
+  dropout = getattr(module, "lora_dropout", None)
+  xd = dropout(x) if dropout is not None else x
+  xa = jnp.tensordot(xd, a[...].astype(x.dtype), axes=n_in)
+  delta = jnp.tensordot(xa, b[...].astype(x.dtype), axes=1)
+  return y + (delta * module.lora_scale).astype(y.dtype)
+
+
 # ---------------------------------------------------------------------------- blocks
 class Attention(nnx.Module):
 
@@ -159,16 +181,16 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def _proj(self, x, w, b):
-    y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(x.dtype))
+  def _proj(self, x, name, b):
+    y = _linear(self, name, x, "btd,dhk->bthk", n_in=1)
     return y if b is None else y + b[...].astype(x.dtype)
 
   def __call__(self, x, positions, key_mask, cache_kv=None, cache_index=None):
     """x [B,T,D]; key_mask [B,T,S] bool; cache_kv: (k, v) [B,S,K,Dh] or None."""
     cfg = self.cfg
-    q = self._proj(x, self.q, self.q_bias)
-    k = self._proj(x, self.k, self.k_bias)
-    v = self._proj(x, self.v, self.v_bias)
+    q = self._proj(x, "q", self.q_bias)
+    k = self._proj(x, "k", self.k_bias)
+    v = self._proj(x, "v", self.v_bias)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if not cfg.learned_positions:
@@ -196,7 +218,7 @@ class Attention(nnx.Module):
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v,
                      preferred_element_type=jnp.float32).astype(v.dtype).reshape(B, T, H, Dh)
     out = checkpoint_name(out, "attention_out")
-    y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(x.dtype))
+    y = _linear(self, "o", out, "bthk,hkd->btd", n_in=2)
     if self.o_bias is not None:
       y = y + self.o_bias[...].astype(x.dtype)
     return y, new_kv
@@ -218,19 +240,18 @@ class MLP(nnx.Module):
     else:
       self.gate_bias = self.up_bias = self.down_bias = None
 
-  @staticmethod
-  def _dense(x, w, b):
-    y = x @ w[...].astype(x.dtype)
+  def _dense(self, x, name, b):
+    y = _linear(self, name, x, "...d,df->...f", n_in=1)
     return y if b is None else y + b[...].astype(x.dtype)
 
   def __call__(self, x):
     # The activation (and the gate product) in float32, rounded to the compute dtype once.
-    up = self._dense(x, self.up, self.up_bias).astype(jnp.float32)
+    up = self._dense(x, "up", self.up_bias).astype(jnp.float32)
     if self.gate is not None:
-      h = self.act(self._dense(x, self.gate, self.gate_bias).astype(jnp.float32)) * up
+      h = self.act(self._dense(x, "gate", self.gate_bias).astype(jnp.float32)) * up
     else:
       h = self.act(up)
-    return self._dense(h.astype(x.dtype), self.down, self.down_bias)
+    return self._dense(h.astype(x.dtype), "down", self.down_bias)
 
 
 class Block(nnx.Module):
