@@ -5,7 +5,8 @@ An Orbax model checkpoint is one directory with two items:
 * ``params``: the model's ``nnx.Param`` state (array-by-array, so restoring
   onto a mesh reads each process's own shards only);
 * ``model_config``: the ``ModelConfig`` as JSON (``dataclasses.asdict``), so the
-  checkpoint alone rebuilds the model.
+  checkpoint alone rebuilds the model; a reward model's adds ``"kind": "reward"``
+  (:class:`alignjax.models.RewardModel`; absent: a ``Transformer``).
 
 ``save_model`` / ``load_model`` are what ``launch/convert.py`` calls to move
 between Hugging Face directories (``models.from_hf`` / ``models.to_hf``) and
@@ -28,6 +29,7 @@ from alignjax.models.config import ModelConfig, dtype_name
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "model_config"
+KIND_KEY = "kind"   # in the model_config item: "reward" for a RewardModel (absent: a Transformer)
 
 
 def config_to_dict(config) -> dict[str, Any]:
@@ -80,13 +82,20 @@ def save_model(model, directory: str, *, force: bool = False) -> str:
   if os.path.exists(directory) and not force:
     raise ValueError(f"save_model: `directory` {directory} exists; pass force=True to overwrite.")
   config = model.config  # kept as is (a scanned model's config says scan_layers=True)
+  from alignjax.models.reward import RewardModel
+  reward = isinstance(model, RewardModel)
   if getattr(config, "scan_layers", False):  # on disk, parameters stay per layer
+    if reward:
+      raise ValueError("save_model: a RewardModel with scan_layers=True cannot be saved; unstack its backbone.")
     from alignjax.models.transformer import unstack_layers
     model = unstack_layers(model)
   params = nnx.state(model, nnx.Param)
+  meta = config_to_dict(config)
+  if reward:
+    meta[KIND_KEY] = "reward"
   args = ocp.args.Composite(**{
       PARAMS_ITEM: ocp.args.StandardSave(params),
-      CONFIG_ITEM: ocp.args.JsonSave(config_to_dict(config)),
+      CONFIG_ITEM: ocp.args.JsonSave(meta),
   })
   with _checkpointer() as ckptr:
     ckptr.save(directory, args=args, force=force)
@@ -95,13 +104,24 @@ def save_model(model, directory: str, *, force: bool = False) -> str:
 
 def load_config(directory: str):
   """The ``ModelConfig`` stored in an Orbax model checkpoint written by :func:`save_model`."""
+  return _load_meta(directory)[0]
+
+
+def load_kind(directory: str) -> str:
+  """What :func:`save_model` stored: ``"reward"`` (a ``RewardModel``) or ``"transformer"``."""
+  return _load_meta(directory)[1]
+
+
+def _load_meta(directory: str):
   directory = os.path.abspath(directory)
   if not os.path.isdir(os.path.join(directory, CONFIG_ITEM)):
     raise ValueError(f"load_config: `directory` {directory} is not a model checkpoint written by "
                      f"save_model (no '{CONFIG_ITEM}' item).")
   with _checkpointer() as ckptr:
     restored = ckptr.restore(directory, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
-  return config_from_dict(restored[CONFIG_ITEM])
+  meta = dict(restored[CONFIG_ITEM])
+  kind = meta.pop(KIND_KEY, "transformer")
+  return config_from_dict(meta), kind
 
 
 def load_model(directory: str, *, dtype=None, param_dtype=None, mesh=None, scan_layers=None):
@@ -120,14 +140,16 @@ def load_model(directory: str, *, dtype=None, param_dtype=None, mesh=None, scan_
       scanned model is restored per layer and then stacked.
 
   Returns:
-    An ``alignjax.models.Transformer``.
+    An ``alignjax.models.Transformer`` (an ``alignjax.models.RewardModel`` if one was saved).
   """
+  from alignjax.models.reward import RewardModel
   from alignjax.models.transformer import Transformer, stack_layers
 
   fn = "load_model"
   dtype = None if dtype is None else dtype_name(dtype, where=f"{fn}: `dtype`")
   param_dtype = None if param_dtype is None else dtype_name(param_dtype, where=f"{fn}: `param_dtype`")
-  config = load_config(directory)
+  config, kind = _load_meta(directory)
+  model_cls = RewardModel if kind == "reward" else Transformer
   changes = {}
   if dtype is not None:
     changes["dtype"] = dtype
@@ -142,7 +164,9 @@ def load_model(directory: str, *, dtype=None, param_dtype=None, mesh=None, scan_
   scan = config.scan_layers
   config = dataclasses.replace(config, scan_layers=False)  # the on-disk layout
 
-  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  if scan and model_cls is RewardModel:
+    raise ValueError(f"{fn}: a RewardModel cannot be loaded with scan_layers=True.")
+  abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   if mesh is not None:
     from alignjax import sharding as sharding_lib

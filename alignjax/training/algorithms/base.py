@@ -110,6 +110,10 @@ class Algorithm:
     token_keys: ``[B, T]`` float32 batch keys the objective reads besides the
       schema's (data-set columns such as critical-token weights); the planner's
       abstract batch includes them.
+    make_model: ``fn(policy, rngs) -> nnx.Module``: the model this algorithm trains,
+      built from the loaded or initialised policy (a Transformer) right after it is
+      made, e.g. a reward model on its decoder; None: the policy itself. The loop,
+      the planner and the saved final model use what it returns.
     study: how the frontier study runs this method (see :mod:`alignjax.study.frontier`):
       ``{"sweep": hparam name swept by the study's list of the same name}``,
       ``{"teachers": ...}``; empty: one run per beta.
@@ -130,6 +134,7 @@ class Algorithm:
   kl_rows: bool = False
   batch_statistics: Optional[Callable] = None
   token_keys: tuple[str, ...] = ()
+  make_model: Optional[Callable] = None
   study: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
