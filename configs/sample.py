@@ -20,6 +20,12 @@ Fields:
   pad_token_id: -1 = auto (the tokenizer's pad id, else the first EOS id, else 0).
   batch_size: rows per compiled call (the last batch is padded, so one program serves all).
   dtype: computation dtype, "float32", "bfloat16" or "float16".
+  reward_model: a reward model (HF one-label ``*ForSequenceClassification`` directory, alignjax
+    reward checkpoint, or a ``loss.name=reward`` run's workdir) for the reward-guided decoders:
+  best_of_n: N > 0 samples N completions per prompt and keeps the best (records add
+    ``reward`` and all N ``rewards``); ``alignjax.decoding.best_of_n``.
+  args_k, args_w: ARGS (``alignjax.decoding.args_generate``): k > 0 candidates per step chosen
+    by ``logit + w * reward`` (greedy at temperature 0, else sampled).
 """
 
 import dataclasses

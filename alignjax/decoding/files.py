@@ -49,6 +49,11 @@ class SampleConfig:
   pad_token_id: int = _f(-1, "-1 = auto (the tokenizer's pad id, else the first EOS id, else 0)")
   batch_size: int = _f(8, "rows per compiled call (> 0)")
   dtype: str = _f("float32", "computation dtype: float32, bfloat16 or float16")
+  reward_model: str = _f("", "reward model for best_of_n / args_k: an HF *ForSequenceClassification directory, an "
+                         "alignjax reward-model checkpoint or a reward run's workdir")
+  best_of_n: int = _f(0, "best-of-N: sample N completions per prompt, keep the reward model's best (0 = off)")
+  args_k: int = _f(0, "ARGS reward-guided decoding: the policy's top-k tokens scored each step (0 = off)")
+  args_w: float = _f(1.0, "ARGS reward weight w: choose by logit + w * reward (temperature 0: argmax)")
 
 
 def _is_chat(item) -> bool:
@@ -166,10 +171,32 @@ def check_config(cfg: SampleConfig) -> None:
       (cfg.dtype in ("float32", "bfloat16", "float16"),
        f"`config.dtype` must be 'float32', 'bfloat16' or 'float16', got {cfg.dtype!r}."),
   ]
+  guided = cfg.best_of_n > 0 or cfg.args_k > 0
+  checks += [
+      (cfg.best_of_n >= 0, f"`config.best_of_n` must be >= 0 (0 = off), got {cfg.best_of_n}."),
+      (cfg.args_k >= 0, f"`config.args_k` must be >= 0 (0 = off), got {cfg.args_k}."),
+      (not (cfg.best_of_n > 0 and cfg.args_k > 0), "`config.best_of_n` and `config.args_k` exclude each other."),
+      (not guided or bool(cfg.reward_model), "`config.best_of_n` / `config.args_k` need `config.reward_model`."),
+      (guided or not cfg.reward_model, "`config.reward_model` is used by best_of_n or args_k; set one of them."),
+      (cfg.args_k == 0 or (cfg.top_k == 0 and cfg.top_p == 1.0),
+       "`config.top_k` / `config.top_p` do not apply to ARGS (`config.args_k` candidates, `config.temperature`)."),
+  ]
   for ok, message in checks:
     if not ok:
       raise SampleError(message)
   _parse_eos(str(cfg.eos_token_ids).strip())
+
+
+def _load_reward_model(path: str, dtype: str):
+  """The :class:`alignjax.models.RewardModel` at ``path`` (a run's workdir: its ``final_policy``)."""
+  from alignjax.models import RewardModel  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(os.path.join(path, "final_policy")):
+    path = os.path.join(path, "final_policy")
+  rm = _load_model(path, dtype)
+  if not isinstance(rm, RewardModel):
+    raise SampleError(f"`config.reward_model` {path} is not a reward model (a one-label "
+                      "*ForSequenceClassification or a reward run's model).")
+  return rm
 
 
 def sample_file(cfg: SampleConfig) -> dict[str, int]:
@@ -177,19 +204,23 @@ def sample_file(cfg: SampleConfig) -> dict[str, int]:
 
   Sampling is :func:`alignjax.decoding.generate` (temperature, top-k, top-p as
   transformers applies them; greedy at temperature 0) on left-padded batches of
-  ``batch_size`` rows. Returns ``{"written": n, "finished": n_with_eos}``; raises
+  ``batch_size`` rows; with ``reward_model``, :func:`alignjax.decoding.best_of_n`
+  (``best_of_n`` samples, records add ``reward`` and every sample's ``rewards``) or
+  :func:`alignjax.decoding.args_generate` (ARGS, ``args_k`` candidates, weight ``args_w``). Returns ``{"written": n, "finished": n_with_eos}``; raises
   :class:`SampleError` (one line) on a bad field, file or prompt.
   """
   check_config(cfg)
   prompts = read_prompts(cfg.prompts)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from alignjax.decoding.reward_guided import args_generate, best_of_n  # pylint: disable=import-outside-toplevel
   from alignjax.decoding.sampler import generate  # pylint: disable=import-outside-toplevel
 
   if cfg.model and not os.path.exists(cfg.model):
     raise SampleError(f"`config.model` {cfg.model} does not exist.")
   tokenizer = _load_tokenizer(cfg, needed=any(isinstance(p, str) or _is_chat(p) for p in prompts))
   model = _load_model(cfg.model, cfg.dtype)
+  rm = _load_reward_model(cfg.reward_model, cfg.dtype) if cfg.reward_model else None
   try:
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
   except ValueError as e:  # e.g. a tokenizer without a chat template
@@ -218,10 +249,15 @@ def sample_file(cfg: SampleConfig) -> dict[str, int]:
         row = rows[b] if b < len(rows) else rows[0]  # filler rows keep the shape fixed
         tokens[b, T - len(row):] = row
         mask[b, T - len(row):] = True
+      kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_token_ids=eos,
+                pad_token_id=pad, rng=jax.random.fold_in(rng, start))
       try:
-        out = generate(model, tokens, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_k=cfg.top_k, top_p=cfg.top_p, eos_token_ids=eos, pad_token_id=pad,
-                       rng=jax.random.fold_in(rng, start))
+        if cfg.best_of_n:
+          out = best_of_n(model, rm, tokens, mask, n=cfg.best_of_n, top_k=cfg.top_k, top_p=cfg.top_p, **kw)
+        elif cfg.args_k:
+          out = args_generate(model, rm, tokens, mask, k=cfg.args_k, w=cfg.args_w, **kw)
+        else:
+          out = generate(model, tokens, mask, top_k=cfg.top_k, top_p=cfg.top_p, **kw)
       except (ValueError, TypeError) as e:
         raise SampleError(str(e)) from None
       toks, msk, lps = (np.asarray(x) for x in (out.tokens, out.mask, out.logprobs))
@@ -230,6 +266,9 @@ def sample_file(cfg: SampleConfig) -> dict[str, int]:
         done = bool(n and eos and int(toks[b, n - 1]) in eos)
         rec = {"index": start + b, "tokens": toks[b, :n].tolist(),
                "logprobs": [float(x) for x in lps[b, :n]], "finished": done}
+        if cfg.best_of_n:
+          scores = np.asarray(out.scores[b], np.float64)
+          rec["reward"], rec["rewards"] = float(scores[int(out.index[b])]), scores.tolist()
         if isinstance(prompts[start + b], str) or _is_chat(prompts[start + b]):
           rec["prompt"] = prompts[start + b]
         if tokenizer is not None:
