@@ -25,8 +25,7 @@ def main(argv):
   del argv
   from alignjax.study import aligndistil  # pylint: disable=import-outside-toplevel
   cfg = aligndistil.build(common.read_config(_CONFIG, aligndistil.PipelineError))
-  result = aligndistil.run_pipeline(cfg, workdir=_WORKDIR.value,
-                                    stages=tuple(_STAGES.value) or None)
+  result = aligndistil.run_pipeline(cfg, workdir=_WORKDIR.value, stages=tuple(_STAGES.value) or None)
   print(f"results: {result['table']}", flush=True)
   return 0
 
