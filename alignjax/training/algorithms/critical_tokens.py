@@ -60,17 +60,18 @@ def _weights(batch, key: str):
 
 
 def objective(hp, ctx: base.Context, batch) -> base.ObjectiveOutput:
+  w_r = _weights(batch, "rejected_weights")                       # missing weights fail before any forward
+  w_c = None if hp.only_neg else _weights(batch, "chosen_weights")
   tokens, attention, mask = base.pair_inputs(batch)
   lp = base.label_logprobs(ctx.policy, tokens, attention, chunk_size=ctx.chunk_size)
   ref = jax.lax.stop_gradient(
       base.label_logprobs(ctx.frozen["reference"], tokens, attention, chunk_size=ctx.chunk_size))
   (pc, pr), (rc, rr), (mc, mr) = batch_lib.split_pair(lp), batch_lib.split_pair(ref), batch_lib.split_pair(mask)
-  losses, out = L.cdpo_loss(pc, pr, rc, rr, mc, mr, rejected_weights=_weights(batch, "rejected_weights"),
-                            chosen_weights=None if hp.only_neg else _weights(batch, "chosen_weights"),
-                            beta=hp.beta, label_smoothing=hp.label_smoothing, pairing=hp.pairing)
+  losses, out = L.cdpo_loss(pc, pr, rc, rr, mc, mr, rejected_weights=w_r, chosen_weights=w_c, beta=hp.beta,
+                            label_smoothing=hp.label_smoothing, pairing=hp.pairing)
   metrics = base.preference_metrics(out, base.reduce(lp, mask, False))
   metrics["critical/weighted_margin"] = out.weighted_margin
-  metrics["critical/mean_rejected_weight"] = L.masked_mean(_weights(batch, "rejected_weights"), mr)
+  metrics["critical/mean_rejected_weight"] = L.masked_mean(w_r, mr)
   return base.ObjectiveOutput(losses, jnp.ones_like(losses), metrics)
 
 
