@@ -115,6 +115,10 @@ def test_merged_export_loads_in_transformers(hf_path, tmp_path):
   ref = torch_logits(load_hf_torch(out_dir), np.asarray(tokens), np.asarray(mask))
   real = np.asarray(mask).astype(bool)
   np.testing.assert_allclose(adapted[real], ref[real], atol=1e-4, rtol=1e-4)
+  # to_hf of the adapted model itself writes the same merged weights.
+  direct = to_hf(model, tmp_path / "direct")
+  again = torch_logits(load_hf_torch(direct), np.asarray(tokens), np.asarray(mask))
+  np.testing.assert_array_equal(again, ref)
   # The original checkpoint (base) differs: the export holds the merged weights.
   base = torch_logits(load_hf_torch(hf_path), np.asarray(tokens), np.asarray(mask))
   assert np.abs(base[real] - ref[real]).max() > 1e-2
@@ -175,3 +179,35 @@ def test_bad_input_one_line_errors():
     with lora.adapters_off(model):
       pass
   assert "layers/1/mlp/gate" in lora.adaptable_paths(model)
+
+
+def test_adapters_compute_what_qwix_computes():
+  """qwix's LoraProvider (what Tunix uses) on the attention modules is the reference.
+
+  qwix adapts every weight its rule's *module* path reaches (here q, k, v, o of each
+  attention module); the same targets by parameter path, with qwix's adapter values copied
+  in, give the same logits.
+  """
+  qwix = pytest.importorskip("qwix")
+  cfg = ModelConfig.llama_tiny()
+  tokens, mask = _batch(seed=6, V=cfg.vocab_size)
+  reference = qwix.apply_lora_to_model(
+      Transformer(cfg, rngs=nnx.Rngs(0)), qwix.LoraProvider(module_path=r"layers/\d+/attn", rank=2, alpha=4.0),
+      tokens, rngs=nnx.Rngs(1))
+  qwix_adapters = nnx.state(reference, nnx.LoRAParam)
+  leaves, treedef = jax.tree.flatten(qwix_adapters)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  nnx.update(reference, jax.tree.unflatten(
+      treedef, [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]))
+  want = np.asarray(_forward(reference, tokens, mask))
+  ours = lora.apply_lora(Transformer(cfg, rngs=nnx.Rngs(0)), rank=2, alpha=4.0, targets=r".*attn/(q|k|v|o)")
+  theirs = {tuple(p): v.get_value() for p, v in nnx.iter_graph(reference) if isinstance(v, nnx.LoRAParam)}
+  mine = {tuple(p): v for p, v in nnx.iter_graph(ours) if isinstance(v, nnx.LoRAParam)}
+  assert set(theirs) == set(mine)  # same names and shapes: <weight>_lora_a [in..., r], _lora_b [r, out...]
+  for path, var in mine.items():
+    assert var.get_value().shape == theirs[path].shape
+    var.set_value(theirs[path])
+  got = np.asarray(_forward(ours, tokens, mask))
+  base = np.asarray(_forward(Transformer(cfg, rngs=nnx.Rngs(0)), tokens, mask))
+  assert np.abs(want - base).max() > 1e-2
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

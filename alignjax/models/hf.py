@@ -324,7 +324,8 @@ def to_hf(model: Transformer, out_dir, *, max_shard_size: int = DEFAULT_MAX_SHAR
   processes, every process must call this (parameters are gathered); process 0 writes.
   `tokenizer_dir` (a directory holding a Hugging Face tokenizer, e.g. the initial checkpoint)
   adds its tokenizer files, chat template and generation config (:data:`TOKENIZER_FILES`),
-  so `AutoTokenizer` reads the output too. Returns `out_dir`.
+  so `AutoTokenizer` reads the output too. A model with LoRA adapters
+  (`alignjax.models.lora`) is written merged (`lora.merge_lora`). Returns `out_dir`.
   """
   cfg = getattr(model, "config", None)
   if not isinstance(cfg, ModelConfig):
@@ -337,6 +338,10 @@ def to_hf(model: Transformer, out_dir, *, max_shard_size: int = DEFAULT_MAX_SHAR
     if not any(f in tokenizer_files for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
       raise ValueError(f"to_hf: `tokenizer_dir` {tokenizer_dir!r} holds no tokenizer "
                        "(tokenizer.json, tokenizer.model or vocab.json).")
+  if isinstance(model, Transformer):
+    from alignjax.models import lora  # pylint: disable=import-outside-toplevel
+    if lora.has_lora(model):  # LoRA: write the merged weights W + (alpha/r)·A·B
+      model = lora.merge_lora(model)
   reward = isinstance(model, RewardModel)  # a *ForSequenceClassification with one label
   hf_cfg = reward_lib.hf_config(cfg) if reward else config_to_hf(cfg)
   specs = reward_lib.tensor_specs(cfg) if reward else families.tensor_specs(cfg)

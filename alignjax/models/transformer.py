@@ -146,14 +146,15 @@ def _linear(module: nnx.Module, name: str, x: jax.Array, eq: str, *, n_in: int) 
   """
   y = jnp.einsum(eq, x, getattr(module, name)[...].astype(x.dtype))
   a = getattr(module, name + "_lora_a", None)
-  if a is None or not getattr(module, "lora_enabled", True):
+  scale = getattr(module, "lora_scale", None)  # set with the adapters by apply_lora
+  if a is None or scale is None or not getattr(module, "lora_enabled", True):
     return y
   b = getattr(module, name + "_lora_b")
   dropout = getattr(module, "lora_dropout", None)
   xd = dropout(x) if dropout is not None else x
   xa = jnp.tensordot(xd, a[...].astype(x.dtype), axes=n_in)
   delta = jnp.tensordot(xa, b[...].astype(x.dtype), axes=1)
-  return y + (delta * module.lora_scale).astype(y.dtype)
+  return y + (delta * scale).astype(y.dtype)
 
 
 # ---------------------------------------------------------------------------- blocks
