@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/bootstrap.sh test
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-exec .venv/bin/python -m pytest -n 2 -q -p no:cacheprovider "$@"
+# One file per worker (module fixtures -- tiny HF models, compiled steps -- built once), the
+# persistent compilation cache of tests/conftest.py, and the 15 slowest tests at the end.
+exec .venv/bin/python -m pytest -n 2 --dist loadfile --durations=15 -q -p no:cacheprovider "$@"

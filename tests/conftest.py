@@ -44,6 +44,27 @@ if (_cache_dir := _compilation_cache_dir()) is not None:
     jax.config.update(_name, type(_value)(os.environ[_name.upper()]))
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "no_compilation_cache: the module runs without the persistent compilation cache "
+      "(TPU-topology AOT compiles: storing their executables costs more than compiling)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compilation_cache_switch(request):
+  if _cache_dir is None or request.node.get_closest_marker("no_compilation_cache") is None:
+    yield
+    return
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)

@@ -25,6 +25,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from alignjax import aot  # noqa: E402
 from alignjax.models import ModelConfig, Transformer, presets  # noqa: E402
 
+pytestmark = pytest.mark.no_compilation_cache  # tests/conftest.py
 ROOT = Path(__file__).resolve().parents[1]
 # ALIGNJAX_AOT_TEST_BACKEND=cpu exercises the CPU fallback even where libtpu is installed.
 BACKEND = os.environ.get("ALIGNJAX_AOT_TEST_BACKEND") or ("tpu" if aot.libtpu_available() else "cpu")
