@@ -5,6 +5,7 @@
 #   ./train.sh                                   # the study
 #   ./train.sh train --config.loss.name=ipo      # one training run (launch/train.py)
 #   ./train.sh sample|pipeline|convert|plan ...  # launch/<name>.py
+#   ./train.sh real                              # SmolLM2-135M-Instruct recipe (launch/real.py; ~20-30 min)
 # Relative paths (--workdir, --config, --config.data.dir) resolve against the
 # directory you call it from. Installs only the main job's dependencies.
 set -euo pipefail
@@ -14,7 +15,7 @@ if [[ -z "${ALIGNJAX_SKIP_BOOTSTRAP:-}" ]]; then
 fi
 LAUNCHER=study
 case "${1:-}" in
-  study|train|sample|pipeline|convert|plan) LAUNCHER="$1"; shift ;;
+  study|train|sample|pipeline|convert|plan|real) LAUNCHER="$1"; shift ;;
 esac
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
