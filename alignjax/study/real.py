@@ -17,7 +17,7 @@ same fields, so runs resume, lock their workdir and stop cleanly on SIGTERM:
    off-policy from that DPO model and a reverse-DPO model (swapped pairs)
    trained on the same pairs.
 3. ``evaluate`` per model (the base checkpoint included): held-out preference
-   accuracy and mean margin of the implicit reward ``beta (log pi - log pi_base)``
+   accuracy (ties count one half) and mean margin of the implicit reward ``beta (log pi - log pi_base)``
    (chosen vs rejected), ``KL(pi || pi_base)`` estimated from ``eval_samples``
    samples per held-out prompt at temperature 1 (mean of ``log pi(y) - log
    pi_base(y)``, common random numbers across models), their mean length, and
@@ -216,7 +216,8 @@ class RealEval:
     toks, mask = np.asarray(greedy.tokens), np.asarray(greedy.mask, bool)
     answers = [self.tokenizer.tokenizer.decode(toks[i][mask[i]].tolist(), skip_special_tokens=True)
                for i in range(show)]
-    return {"accuracy": float(np.mean(margin > 0)), "margin": float(np.mean(margin)),
+    # Ties (the base model against itself: every margin is 0) count one half.
+    return {"accuracy": float(np.mean((margin > 0) + 0.5 * (margin == 0))), "margin": float(np.mean(margin)),
             "kl": summary["kl"], "kl_se": summary["kl_se"], "mean_length": summary["mean_length"],
             "held_out": int(len(margin)), "answers": answers}
 
