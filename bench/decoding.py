@@ -11,6 +11,12 @@ of ``--repeats`` timed calls after one warm-up call), the ratio to transformers,
 the greedy tokens agree with transformers, and the number of XLA compilations during
 the warm-up and the timed calls (0 expected for the latter).
 
+Roofline: a decode step reads every weight once (the matmul parameters, LM head included;
+the embedding rows looked up are negligible) plus the KV cache (K and V of every layer,
+mean length ``prompt + new / 2``). ``bytes/step`` is that sum; the floor is
+``bytes/step / bandwidth``, the bandwidth measured here with a large array copy (bytes read
++ written per second); ``roofline`` = floor / measured ms per new token.
+
 Tunix (``google-tunix``) is benchmarked when it can be imported (its sampler module only;
 tunix/__init__.py, which pulls in its trainers, is bypassed); its sampler takes text, so a
 word-level tokenizer with one word per token id is built for it. Tunix's pinned
@@ -67,6 +73,29 @@ def _median_time(fn, repeats):
     fn()
     times.append(time.perf_counter() - t)
   return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+  """Bytes read + written per second by a jitted elementwise pass over a 256 MiB float32 array (best of 10)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  n = 2 ** 26
+  x = jnp.ones((n,), jnp.float32)
+  copy = jax.jit(lambda a: a + 1.0)
+  jax.block_until_ready(copy(x))
+  best = float("inf")
+  for _ in range(10):
+    t = time.perf_counter()
+    jax.block_until_ready(copy(x))
+    best = min(best, time.perf_counter() - t)
+  return 2 * 4 * n / best
+
+
+def bytes_per_step(cfg, batch: int, cache_len: float, itemsize: int = 4) -> float:
+  """Weights read once (matmul parameters, LM head included) + the K/V cache at ``cache_len`` positions."""
+  matmul_params = cfg.num_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
+  kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * batch * cache_len
+  return itemsize * (matmul_params + kv)
 
 
 def _tunix_sampler_cls():
@@ -138,6 +167,8 @@ def main(argv):
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); prompt {P}, new {N}, greedy")
   if tunix_mods is None:
     print(f"Tunix: skipped ({tunix_reason})")
+  bandwidth = copy_bandwidth()
+  print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + written)")
   rows = []
   for size in sizes:
     preset = {"tiny": models.ModelConfig.llama_tiny, "100m": models.ModelConfig.llama_100m}[size]
@@ -180,8 +211,12 @@ def main(argv):
         t_hf = _median_time(run_hf, repeats)
         agree = float(np.mean(ours == theirs))
         tok = B * N
+        step_bytes = bytes_per_step(cfg, B, P + N / 2)
+        floor = step_bytes / bandwidth
         line = {"size": size, "B": B, "alignjax tok/s": tok / t_ours, "transformers tok/s": tok / t_hf,
-                "ratio vs transformers": t_hf / t_ours, "agree": agree,
+                "ratio vs transformers": t_hf / t_ours, "agree": agree, "MB/step": step_bytes / 1e6,
+                "alignjax ms/step": 1e3 * t_ours / N, "floor ms/step": 1e3 * floor,
+                "alignjax roofline": floor / (t_ours / N), "transformers roofline": floor / (t_hf / N),
                 "compiles (warm-up/timed)": f"{warm_compiles}/{timed_compiles}"}
         if tunix_model is not None:
           try:
@@ -206,7 +241,8 @@ def main(argv):
         elif tunix_err:
           line["tunix"] = f"model failed: {tunix_err}"
         rows.append(line)
-        print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) and "agree" not in k else
+        print("  ".join(f"{k}={v:.0%}" if "roofline" in k else
+                        f"{k}={v:.1f}" if isinstance(v, float) and "agree" not in k else
                         f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()),
               flush=True)
   return 0
