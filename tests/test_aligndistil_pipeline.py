@@ -240,7 +240,7 @@ def test_aligndistil_objective_distils_chosen_only_and_scales_student_on_policy(
 
   @jax.jit
   def loss(b):
-    out = cfg.objective.fn(cfg, algorithms.Context(student, {"dpo": dpo, "contrast": contrast}, spec, 4), b)
+    out = cfg.algorithm.objective(cfg.hparams, algorithms.Context(student, {"dpo": dpo, "contrast": contrast}, spec, 4), b)
     return out.losses, out.metrics["distil/seq_kl_dpo"]
 
   got, kl = loss(batch)
