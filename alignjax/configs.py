@@ -180,6 +180,6 @@ def field_help(cls: type, *, prefix: str = "--config.") -> str:
         rows.append((f"{prefix}{path}{f.name}", repr(v), f.metadata.get("help", "")))
 
   walk(cls, None, "")
-  width, dwidth = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+  width, dwidth = max(len(r[0]) for r in rows), min(24, max(len(r[1]) for r in rows))  # long defaults overflow
   return "\n".join([f"Config fields of {cls.__name__} (default, meaning):"] +
                    [f"  {n:<{width}}  {d:<{dwidth}}  {h}" for n, d, h in rows])
