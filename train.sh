@@ -10,13 +10,13 @@
 # directory you call it from. Installs only the main job's dependencies.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")" && pwd)"
-if [[ -z "${ALIGNJAX_SKIP_BOOTSTRAP:-}" ]]; then
-  "$REPO/scripts/bootstrap.sh" main
-fi
 LAUNCHER=study
 case "${1:-}" in
   study|train|sample|pipeline|convert|plan|real) LAUNCHER="$1"; shift ;;
 esac
+if [[ -z "${ALIGNJAX_SKIP_BOOTSTRAP:-}" ]]; then
+  "$REPO/scripts/bootstrap.sh" "$([[ "$LAUNCHER" == real ]] && echo real || echo main)"
+fi
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 exec "$REPO/.venv/bin/python" -m "launch.$LAUNCHER" "$@"

@@ -545,7 +545,7 @@ def plan(experiment: Experiment, topology: Topology, mesh: Sequence[int], *,
       device_kind=str(getattr(topology.devices[0], "device_kind", "")), num_devices=topology.num_devices,
       mesh=tuple(int(m) for m in mesh), remat=cfg.remat, algorithm=experiment.algorithm,
       reference=built.reference_mode, model_params=int(cfg.num_params),
-      tokens_per_step=(1 if experiment.algorithm == "sft" else 2) * experiment.batch_size * experiment.seq_len)
+      tokens_per_step=experiment.batch_size * experiment.algorithm_spec.tokens_per_example(experiment.seq_len))
   res.params_bytes = _nbytes_per_device(state.params, built.state_shardings.params)
   res.opt_bytes = _nbytes_per_device(state.opt_state, built.state_shardings.opt_state)
   res.frozen_bytes = sum(_nbytes_per_device(frozen[n], jax.tree.map(lambda x: x.sharding, frozen[n]))
@@ -806,6 +806,12 @@ def chip_table() -> str:
   return "\n".join(rows)
 
 
+def local_topology(num_devices: Optional[int] = None) -> Topology:
+  """This process's own devices as a :class:`Topology` (memory figures for a run on this machine)."""
+  devices = tuple(jax.devices()[:num_devices] if num_devices else jax.devices())
+  return Topology(f"local:{len(devices)}", CHIPS["v5e"], 1, len(devices), devices, jax.default_backend())
+
+
 def run_fields(experiment: Experiment, mesh: Sequence[int], remat: Optional[str] = None) -> dict[str, Any]:
   """The ``launch/train.py`` config fields (dotted) that run ``experiment`` as planned on ``mesh``.
 
@@ -905,5 +911,5 @@ def report(experiment: Experiment, topology: Topology, mesh: Optional[str] = Non
 
 __all__ = ["CHIPS", "Chip", "Experiment", "PlanResult", "Topology", "build_step", "check_mesh",
            "chip_table", "config_hash", "describe", "format_table", "formula_flops", "get_topology",
-           "libtpu_available", "mesh_factorisations", "parse_topology", "plan", "plan_sampler", "report", "run_fields",
+           "libtpu_available", "local_topology", "mesh_factorisations", "parse_topology", "plan", "plan_sampler", "report", "run_fields",
            "search", "static_bytes", "write_run_config"]

@@ -111,6 +111,21 @@ def model_shardings(model: nnx.Module, mesh: Mesh):
   return state_shardings(nnx.state(model), mesh)
 
 
+def path_key(path) -> tuple:
+  """A pytree path as a tuple of names (a trailing ``value`` of an nnx Variable dropped)."""
+  keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+  if keys and keys[-1] == "value":
+    keys = keys[:-1]
+  return tuple(keys)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh, params):
+  """The NamedSharding of every leaf of ``params`` (a sub-state of ``model``), by its path; replicated if unnamed."""
+  by_path = {path_key(p): s for p, s in jax.tree_util.tree_flatten_with_path(model_shardings(model, mesh))[0]}
+  replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree_util.tree_map_with_path(lambda path, x: by_path.get(path_key(path), replicated), params)
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
   """Move every variable of `model` onto its NamedSharding, in place; returns the model."""
   for _, var in nnx.iter_graph(model):

@@ -4,6 +4,8 @@
 #   scripts/bootstrap.sh test   plus the test extras; a CPU build of torch is installed
 #                               first (used only by the parity tests) so the extras never
 #                               pull a multi-GB CUDA wheel
+#   scripts/bootstrap.sh real   the main job's plus the real-checkpoint recipe's (CPU torch,
+#                               transformers, gguf)
 # Each target has its own stamp; it re-runs only when pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +13,8 @@ TARGET="${1:-test}"
 case "$TARGET" in
   main) EXTRAS="" ;;
   test) EXTRAS="[test]" ;;
-  *) echo "bootstrap: unknown target '$TARGET' (expected main or test)" >&2; exit 2 ;;
+  real) EXTRAS="[real]" ;;
+  *) echo "bootstrap: unknown target '$TARGET' (expected main, test or real)" >&2; exit 2 ;;
 esac
 PY="${PYTHON:-python3}"
 VENV=.venv
@@ -30,7 +33,7 @@ pip_install() {
     exit 1
   fi
 }
-if [[ "$TARGET" == test ]] && ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+if [[ "$TARGET" != main ]] && ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   pip_install "torch==${ALIGNJAX_TORCH_VERSION:-2.13.0}"
 fi
 pip_install -e ".$EXTRAS"

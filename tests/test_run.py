@@ -243,7 +243,7 @@ def test_divergence_exits_nonzero(tmp_path):
     ("loss.alpha", -5, "config.loss.alpha must be a finite number >= 0"),
     ("dpo.learning_rate", -1e-3, "config.dpo.learning_rate must be a finite number > 0"),
     ("max_checkpoints", 0, "config.max_checkpoints must be >= 1"),
-    ("loss.name", "dpoo", "unknown loss 'dpoo'; valid loss names: aligndistil, dpo, "),
+    ("loss.name", "dpoo", "unknown loss 'dpoo'; valid loss names: aligndistil, "),
     ("batch_size", 0, "config.batch_size must be positive"),
 ])
 def test_invalid_config_field_is_one_line(field, value, message):

@@ -370,13 +370,16 @@ def _program(graphdefs, states, tokens, mask, temperature, top_k, top_p, eos_ids
 
 
 def _constrain_cache(cache, mesh):
-  """Shard the cache's [B, S, Hkv, Dh] leaves (batch, -, kv_heads, head_dim) and [B, S] leaves over ``mesh``."""
+  """Shard the cache's [B, S, Hkv, Dh] leaves (batch, -, kv_heads, head_dim), a scanned model's stacked
+  [L, B, S, Hkv, Dh] leaves (layers first) and [B, S] leaves over ``mesh``."""
   if mesh is None:
     return cache
   from alignjax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
 
   def constrain(x):
-    if x.ndim == 4:
+    if x.ndim == 5:
+      names = ("layers", "batch", None, "kv_heads", "head_dim")
+    elif x.ndim == 4:
       names = ("batch", None, "kv_heads", "head_dim")
     elif x.ndim == 2:
       names = ("batch", None)

@@ -59,6 +59,9 @@ class DataConfig:
   max_len: int = _f(6, "longest list to sort (>= min_len)")
   train_examples: int = _f(2048, "training pairs (>= batch_size)")
   eval_examples: int = _f(256, "held-out evaluation pairs (>= 1)")
+  ches_keep: float = _f(1.0, "keep this fraction of training pairs with the lowest CHES score under the initial "
+                        "policy (Razin et al. 2024, arXiv:2410.08847: high CHES pairs cause likelihood displacement); "
+                        "1 keeps all, in (0, 1]")
   swap_pairs: bool = _f(False, "train on (rejected, chosen): DPO on swapped pairs is AlignDistil's reverse-DPO "
                         "contrast model (Zhang et al. 2025, arXiv:2503.02832)")
 
@@ -289,12 +292,18 @@ class RunConfig:
   max_checkpoints: int = _f(2, "verified checkpoints kept (>= 1)")
   on_nonfinite: str = _f("stop", "non-finite loss/gradients/parameters: 'stop' (exit 3) or 'skip' the update")
   max_loss: float = _f(1e4, "divergence bound: a loss above it stops the run (> 0; inf disables)")
+  diagnostics_every: int = _f(0, "every N steps of a paired preference phase, log the gradient entanglement of the "
+                              "chosen and rejected log-likelihoods (Yuan et al. 2024; per-pair inner product and "
+                              "cosine); 0 = off")
+  report_memory: bool = _f(False, "log the planner's per-device memory (alignjax.aot, launch/plan.py) next to the "
+                           "compiled memory analysis of the step that runs (compiles the step twice)")
 
 
 # Fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = frozenset({
     "dpo.steps", "log_every", "checkpoint_every", "max_checkpoints", "eval_batch_size",
-    "on_nonfinite", "max_loss", "data.dir", "mesh.data", "mesh.fsdp", "mesh.tensor",
+    "on_nonfinite", "max_loss", "data.dir", "mesh.data", "mesh.fsdp", "mesh.tensor", "report_memory",
+    "diagnostics_every",
 })
 BUDGET_FIELDS = ("dpo.steps",)
 
@@ -431,6 +440,8 @@ def validate(cfg: RunConfig) -> None:
     _check(v >= 1, f"config.model.{name} must be >= 1, got {v}.")
   _check(m.num_heads % m.num_kv_heads == 0,
          f"config.model.num_kv_heads ({m.num_kv_heads}) must divide config.model.num_heads ({m.num_heads}).")
+  from alignjax.models.config import REMAT_POLICIES  # pylint: disable=import-outside-toplevel
+  _check(m.remat in REMAT_POLICIES, f"config.model.remat must be one of {', '.join(REMAT_POLICIES)}, got {m.remat!r}.")
   try:
     m.model_config(vocab_size=d.num_symbols + 4)
   except (TypeError, ValueError) as e:
@@ -492,9 +503,14 @@ def _validate_pod_fields(cfg: RunConfig, algo) -> None:
            f"config.precision.{name} must be one of {', '.join(PRECISIONS)}, got {getattr(pr, name)!r}.")
   _check(pr.frozen_dtype in ("",) + PRECISIONS,
          f"config.precision.frozen_dtype must be '' or one of {', '.join(PRECISIONS)}, got {pr.frozen_dtype!r}.")
-  from alignjax.models.config import REMAT_POLICIES  # pylint: disable=import-outside-toplevel
-  _check(m.remat in REMAT_POLICIES, f"config.model.remat must be one of {', '.join(REMAT_POLICIES)}, got {m.remat!r}.")
   _check(cfg.chunk_size >= 1, f"config.chunk_size must be >= 1, got {cfg.chunk_size}.")
+  _check(0.0 < cfg.data.ches_keep <= 1.0, f"config.data.ches_keep must be in (0, 1], got {cfg.data.ches_keep}.")
+  _check(cfg.data.ches_keep == 1.0 or algo.schema == "paired",
+         f"config.data.ches_keep scores preference pairs; {algo.name!r} trains on {algo.schema} rows.")
+  _check(cfg.diagnostics_every >= 0, f"config.diagnostics_every must be >= 0, got {cfg.diagnostics_every}.")
+  _check(not cfg.diagnostics_every or (algo.schema == "paired" and not lora.enabled and algo.make_model is None),
+         f"config.diagnostics_every: gradient entanglement needs a paired language-model algorithm without LoRA, "
+         f"not {algo.name!r}{' with LoRA' if lora.enabled else ''}.")
   _check(cfg.grad_accum >= 1, f"config.grad_accum must be >= 1, got {cfg.grad_accum}.")
   shards = cfg.mesh.data * cfg.mesh.fsdp
   _check(cfg.batch_size % cfg.grad_accum == 0,
@@ -518,11 +534,44 @@ def _validate_pod_fields(cfg: RunConfig, algo) -> None:
   _check(lora.rank >= 0, f"config.lora.rank must be >= 0, got {lora.rank}.")
   _check(math.isfinite(lora.alpha) and lora.alpha > 0, f"config.lora.alpha must be a finite number > 0, got {lora.alpha}.")
   _check(0.0 <= lora.dropout < 1.0, f"config.lora.dropout must be in [0, 1), got {lora.dropout}.")
+  # The adapters' dropout keeps an rng stream in the model, which the functional step does not carry yet.
+  _check(lora.dropout == 0.0, f"config.lora.dropout: adapter dropout is not supported by the training step yet "
+         f"(library-level only, alignjax.models.lora.apply_lora); got {lora.dropout}.")
   if lora.enabled:
     try:
-      re.compile(lora.targets)
+      pattern = re.compile(lora.targets)
     except re.error as e:
       raise ConfigError(f"config.lora.targets is not a valid regex ({e}): {lora.targets!r}.") from None
+    paths = _adaptable_paths(cfg)
+    _check(paths is None or any(pattern.fullmatch(p) for p in paths),
+           f"config.lora.targets {lora.targets!r} matches no parameter path of the model (e.g. "
+           f"{(paths or [])[:4]}).")
+
+
+def _adaptable_paths(cfg: RunConfig):
+  """The parameter paths LoRA can adapt, from the model's config alone (no weights), or None if unreadable."""
+  import os  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from alignjax.models import Transformer, checkpoint_io, config_from_hf, lora, read_hf_config  # pylint: disable=import-outside-toplevel
+  model_cfg = None
+  if not cfg.init.checkpoint:
+    model_cfg = cfg.model.model_config(vocab_size=cfg.data.num_symbols + 4)
+  else:
+    path = os.path.abspath(cfg.init.checkpoint)
+    for d in (os.path.join(path, "final_policy"), path):
+      if os.path.isdir(os.path.join(d, checkpoint_io.CONFIG_ITEM)):
+        model_cfg = checkpoint_io.load_config(d)
+        break
+    else:
+      if os.path.isfile(os.path.join(path, "config.json")):
+        try:
+          model_cfg = config_from_hf(read_hf_config(path))
+        except (TypeError, ValueError):
+          return None
+  if model_cfg is None:
+    return None
+  model_cfg = dataclasses.replace(model_cfg, scan_layers=cfg.model.scan_layers)
+  return lora.adaptable_paths(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
 
 
 def student_vocab(cfg: RunConfig):

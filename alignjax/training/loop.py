@@ -288,6 +288,8 @@ def _frozen_models(algorithm, cfg: RunConfig, policy, mesh):
   mode = cfg.reference.mode
   if mode == "precomputed":
     return reference_lib.precomputed()
+  if mode == "adapter_off":
+    return reference_lib.adapter_off()
   if mode == "free":
     return reference_lib.free()
   return reference_lib.online(policy, mesh=mesh)
@@ -349,6 +351,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   from alignjax.data import preference_batches, to_arrays  # pylint: disable=import-outside-toplevel
   from alignjax.training import reference as reference_lib  # pylint: disable=import-outside-toplevel
   from alignjax.training import steps as steps_lib  # pylint: disable=import-outside-toplevel
+  from alignjax import memory as memory_lib  # pylint: disable=import-outside-toplevel
   from alignjax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
 
   main = jax.process_index() == 0
@@ -369,9 +372,26 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
 
   mesh = make_mesh(cfg.mesh)
   policy = make_policy(cfg, vocab_size)
+  from flax import nnx  # pylint: disable=import-outside-toplevel
   if algo.make_model is not None:   # the model the algorithm trains, built on the policy (e.g. a reward model)
-    from flax import nnx  # pylint: disable=import-outside-toplevel
     policy = algo.make_model(policy, nnx.Rngs(cfg.seed + 1))
+  if cfg.lora.enabled:   # adapters only are trained and checkpointed; the base weights come from the policy
+    from alignjax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
+    try:
+      policy = lora_lib.apply_lora(policy, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets,
+                                   dropout=cfg.lora.dropout, rngs=nnx.Rngs(params=cfg.seed + 2, dropout=cfg.seed + 3))
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config.lora: {e}") from None
+  base = _cast_floats(steps_lib.frozen_base(policy, mesh=mesh), cfg.precision.frozen)   # {} without LoRA
+  ches_note = None
+  if cfg.data.ches_keep < 1.0:   # likelihood-displacement filter: the lowest-CHES pairs under the initial policy
+    from alignjax.training import diagnostics  # pylint: disable=import-outside-toplevel
+    n_all = len(train_source)
+    train_source, _ = diagnostics.ches_filter(policy, to_arrays(train_source), keep_fraction=cfg.data.ches_keep)
+    ches_note = f"CHES filter: kept the {batch_lib.num_examples(train_source)} of {n_all} training pairs with the " \
+                f"lowest score (data.ches_keep={cfg.data.ches_keep:g})"
+    train_ds = preference_batches(train_source, min(cfg.batch_size, batch_lib.num_examples(train_source)),
+                                  seed=cfg.seed)
   sft_steps, total = cfg.sft.steps, cfg.sft.steps + cfg.dpo.steps
   pref_ref, pref_frozen_models = _frozen_models(algo, cfg, policy, mesh)
   precomputed = pref_ref.mode == "precomputed"
@@ -383,7 +403,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   rollout = algo.rollout(cfg, policy, seq_len) if algo.rollout is not None else None
   phases = [
       Phase("sft", "sft", algorithms.loss("sft"), 0, sft_steps, optimizer(cfg.sft, weight_decay=cfg.weight_decay),
-            reference_lib.none()[0], dict, lambda b, step: b),
+            reference_lib.none()[0], lambda: base, lambda b, step: b),
       Phase(algo.name, "pref", pref_loss, sft_steps, total, optimizer(cfg.dpo, weight_decay=cfg.weight_decay),
             pref_ref, None, None),
   ]
@@ -396,8 +416,8 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   if online_reference or algo.load_frozen is not None:   # (teacher runs keep it too, as before)
     objects["reference"] = _cast_floats(reference_lib.online(policy, mesh=mesh)[1]["reference"],
                                         cfg.precision.frozen)
-  pref.frozen = ((lambda: {"reference": objects["reference"]}) if online_reference
-                 else (lambda: pref_frozen_models))
+  pref.frozen = ((lambda: {"reference": objects["reference"], **base}) if online_reference
+                 else (lambda: {**pref_frozen_models, **base}))
   reference_store = {}
 
   def pref_data(host_batch, step):
@@ -424,12 +444,16 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
         json.dump(config_lib.flatten(cfg), f, indent=2)
     writer.open(start)
     progress = progress or run_lib.Progress(total, start, enabled=main)
-    n_params = sum(x.size for x in jax.tree.leaves(objects["sft"].params))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))
+    n_trainable = sum(x.size for x in jax.tree.leaves(objects["sft"].params))
     progress.set_peak_flops(run_lib.peak_flops("float32"))
     if start:
       progress.message(f"resumed from step {start} of {total} ({ckpt_dir})")
+    if ches_note:
+      progress.message(ches_note)
     progress.message(
         f"alignjax: {algo.name} on {data_name} | devices={jax.devices()} | params={n_params:,} | "
+        f"trainable={n_trainable:,} | "
         f"steps: sft {sft_steps} + preference {cfg.dpo.steps}")
 
     # Non-finite updates are never applied (skip_nonfinite); the loop then stops or goes on.
@@ -438,6 +462,9 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
                        compute_dtype=compute, chunk_size=cfg.chunk_size)
     step_fns = {ph.key: steps_lib.make_train_step(policy, ph.tx, ph.loss, ph.reference, **step_kwargs)
                 for ph in phases if ph.stop > ph.start}
+    if cfg.diagnostics_every:
+      from alignjax.training import diagnostics  # pylint: disable=import-outside-toplevel
+      entanglement_fn = diagnostics.make_entanglement_fn(policy, chunk_size=cfg.chunk_size, mesh=mesh)
     pref_eval = steps_lib.make_eval_step(policy, pref_loss, pref_ref, mesh=mesh, compute_dtype=compute,
                                          chunk_size=cfg.chunk_size)
 
@@ -457,8 +484,9 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
       objects["pref"] = steps_lib.TrainState(
           objects["pref"].step * 0, jax.tree.map(jnp.copy, params), jax.jit(pref.tx.init)(params),
           objects["pref"].skipped * 0)
-      if "reference" in objects:
-        objects["reference"] = _cast_floats(jax.tree.map(jnp.copy, params), cfg.precision.frozen)
+      if "reference" in objects:   # every weight of the policy now (with LoRA: base + the SFT adapters)
+        full = nnx.state(steps_lib.update_model(policy, objects["sft"]), nnx.Param)
+        objects["reference"] = _cast_floats(jax.tree.map(jnp.copy, full), cfg.precision.frozen)
       if precomputed:
         reference_store.clear()
         load_reference(params)
@@ -470,7 +498,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     if start >= sft_steps and start > 0 and os.path.exists(before_path):
       with open(before_path) as f:
         before = json.load(f)
-    skipped, last_saved, good, loss = 0, start if start else None, None, float("nan")
+    skipped, last_saved, good, loss, reported = 0, start if start else None, None, float("nan"), set()
     for step in range(start, total):
       if step == sft_steps:
         start_preference_phase()
@@ -481,7 +509,12 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
         progress.message(f"[eval @ {step}] reference: " + _fmt(before))
       phase = sft if step < sft_steps else pref
       host_batch = phase.data(train_ds[step], step)
-      objects[phase.key], metrics = step_fns[phase.key](objects[phase.key], to_device(host_batch), phase.frozen())
+      batch = to_device(host_batch)
+      if cfg.report_memory and phase.key not in reported:
+        reported.add(phase.key)
+        progress.message(_memory_report(cfg, phase, policy, step_fns[phase.key], objects[phase.key], batch,
+                                        phase.frozen(), host_batch))
+      objects[phase.key], metrics = step_fns[phase.key](objects[phase.key], batch, phase.frozen())
       sides = batch_lib.detect(host_batch).present_sides(host_batch)
       tokens = float(sum(np.sum(host_batch[f"{s}_attention"]) for s in sides))
       flops = phase.loss.algorithm.flops_per_token(n_params) * sum(np.size(host_batch[f"{s}_tokens"]) for s in sides)
@@ -507,6 +540,12 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
             k: float(v) for k, v in jax.device_get(good).items() if k not in ("finite", "skipped", "step")}
         if cfg.on_nonfinite == "skip":
           scalars["skipped_updates"] = float(skipped)
+        if cfg.diagnostics_every and phase is pref and done % cfg.diagnostics_every == 0:
+          scalars.update({k: float(v) for k, v in jax.device_get(
+              entanglement_fn(objects["pref"].params, batch)).items()})
+        peak = memory_lib.peak_memory()
+        if peak.bytes is not None:
+          scalars[f"memory/peak_gib_{peak.source}"] = peak.bytes / 2 ** 30
         writer.write(done, scalars, phase=phase.name)
         progress.log(done, phase.name, scalars, progress.stats(done))
       stop = guard.should_stop(done)
@@ -523,12 +562,18 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     final = objects["pref"] if total > sft_steps else objects["sft"]
     after = evaluate_pref(final.params)
     progress.message(f"[eval @ {total}] policy:    " + _fmt(after))
+    peak = memory_lib.peak_memory()
+    progress.message(f"peak memory ({peak.source}): {memory_lib.format_bytes(peak.bytes)}")
     result = {"loss": algo.name, "steps": total, "eval_before": before, "eval_after": after,
               "workdir": workdir, "resumed_from": start, "skipped_updates": skipped,
               "budget_history": record["history"]}
     # The final policy, for load_policy / init.checkpoint / sampling (before final_metrics.json marks the end).
     from alignjax.models import checkpoint_io  # pylint: disable=import-outside-toplevel
-    checkpoint_io.save_model(steps_lib.update_model(policy, final), os.path.join(workdir, FINAL_POLICY),
+    final_model = steps_lib.update_model(policy, final)
+    if cfg.lora.enabled:   # the merged weights W + (alpha/r) A B: what load_policy, sampling and to_hf read
+      from alignjax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
+      final_model = lora_lib.merge_lora(final_model)
+    checkpoint_io.save_model(final_model, os.path.join(workdir, FINAL_POLICY),
                              force=True)
     if main:
       with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
@@ -544,6 +589,32 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
       progress.close()
     writer.close()
     ckpt.close()
+
+
+def _memory_report(cfg: RunConfig, phase: Phase, policy, step_fn, state, batch, frozen, host_batch) -> str:
+  """The planner's per-device memory for this run next to the compiled memory analysis of its step.
+
+  The planner (:func:`alignjax.aot.plan`) compiles ``make_train_step`` on abstract
+  arguments for this run's model, batch, precision, remat, accumulation and mesh; the
+  second figure is ``memory_analysis()`` of the step this loop calls, on its real arguments.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from alignjax import aot, memory  # pylint: disable=import-outside-toplevel
+  from alignjax.data import batch as batch_lib  # pylint: disable=import-outside-toplevel
+  compiled = memory.compiled_memory(step_fn.lower(state, batch, frozen).compile())
+  seq = int(np.shape(host_batch[batch_lib.detect(host_batch).first_key])[1])
+  mode = phase.reference.mode if phase.reference.mode in aot.REFERENCE_MODES else "online"
+  exp = aot.Experiment(
+      algorithm=phase.loss.name, model=policy.config, batch_size=int(np.shape(host_batch[
+          batch_lib.detect(host_batch).first_key])[0]), prompt_len=seq // 2, response_len=seq - seq // 2,
+      reference=mode, dtype=cfg.precision.compute_dtype, param_dtype=cfg.precision.param_dtype,
+      frozen_dtype=cfg.precision.frozen, grad_accum=cfg.grad_accum, chunk_size=cfg.chunk_size,
+      max_grad_norm=cfg.max_grad_norm)
+  mesh = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  planned = aot.plan(exp, aot.local_topology(int(np.prod(mesh))), mesh)
+  return (f"memory per device ({phase.name} step): planned {memory.format_bytes(planned.peak_bytes)} "
+          f"(alignjax.aot.plan, as launch/plan.py), compiled {memory.format_bytes(compiled.total)} "
+          f"(arguments {memory.format_bytes(compiled.argument)}, temporaries {memory.format_bytes(compiled.temp)})")
 
 
 def _update_record(cfg: RunConfig, record: Mapping[str, Any], start: int, total: int, stored_budget) -> dict:
@@ -659,11 +730,12 @@ def make_policy(cfg: RunConfig, vocab_size: int):
   numerics = dict(dtype=cfg.precision.compute_dtype, param_dtype=cfg.precision.param_dtype,
                   remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
   if not cfg.init.checkpoint:
-    model_cfg = dataclasses.replace(cfg.model.model_config(vocab_size), **numerics)
+    # Initialised per layer, then stacked: a run's initial weights do not depend on the layout.
+    model_cfg = dataclasses.replace(cfg.model.model_config(vocab_size), **dict(numerics, scan_layers=False))
     if model_cfg.vocab_size < vocab_size:
       raise ConfigError(f"config.model.preset: {cfg.model.preset!r} has vocab_size {model_cfg.vocab_size}, smaller "
                         f"than the data's {vocab_size}.")
-    return Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))
+    return with_numerics(Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed)), **numerics)
   policy = load_policy(cfg.init.checkpoint, where="config.init.checkpoint")
   if policy.config.vocab_size < vocab_size:
     raise ConfigError(f"config.init.checkpoint: its model's vocab_size {policy.config.vocab_size} is smaller than "

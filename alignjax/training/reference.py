@@ -32,9 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignjax import sharding as sharding_lib
 from alignjax.data import batch as batch_lib
+from alignjax.training.algorithms import base as algo_base
 
-MODES = ("online", "precomputed", "free", "none")
+MODES = ("online", "precomputed", "free", "none", "adapter_off")
 REFERENCE_KEYS = batch_lib.reference_keys(batch_lib.PAIRED)
 _FILE = "{key}.npy"
 _META = "reference_logps.json"
@@ -76,13 +78,12 @@ class Reference:
 
 
 def _freeze(models: Mapping[str, nnx.Module], mode: str, mesh) -> tuple[Reference, dict[str, Any]]:
-  from alignjax.training import steps  # noqa: PLC0415
   graphdefs, params, shardings = {}, {}, {}
   for name, model in models.items():
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
     graphdefs[name] = (graphdef, rest)
     if mesh is not None:
-      shardings[name] = steps._param_shardings(model, mesh)
+      shardings[name] = sharding_lib.param_shardings(model, mesh, p)
       p = jax.device_put(p, shardings[name])
     params[name] = p
   return Reference(mode, graphdefs, shardings if mesh is not None else None), params
@@ -110,6 +111,11 @@ def free() -> tuple[Reference, dict[str, Any]]:
   return Reference("free"), {}
 
 
+def adapter_off() -> tuple[Reference, dict[str, Any]]:
+  """LoRA: the reference is the policy's own weights with the adapters switched off (no second copy)."""
+  return Reference("adapter_off"), {}
+
+
 def none() -> tuple[Reference, dict[str, Any]]:
   """No reference at all (SFT)."""
   return Reference("none"), {}
@@ -119,9 +125,9 @@ def check_compatible(ref: Reference, algorithm) -> None:
   """Raises a one-line ValueError if ``algorithm`` (an ``algorithms.Algorithm``) cannot run under ``ref``."""
   needs, mode, names = algorithm.needs, ref.mode, set(ref.graphdefs)
   ok = {
-      "reference_logps": (mode == "online" and names == {"reference"}) or mode == "precomputed"
+      "reference_logps": (mode == "online" and names == {"reference"}) or mode in ("precomputed", "adapter_off")
                          or (mode == "free" and algorithm.reference_free_ok),
-      "reference_logits": mode == "online" and names == {"reference"},
+      "reference_logits": (mode == "online" and names == {"reference"}) or mode == "adapter_off",
       "teachers": mode == "online" and names == set(algorithm.frozen),
       "none": mode in ("none", "free") or (mode == "online"),
   }[needs]
@@ -142,10 +148,9 @@ def precompute(model: nnx.Module, batches: Iterable[tuple[Any, Mapping[str, Any]
   row i = example i) and ``reference_logps.json`` (which rows were filled). Rows
   whose index is negative (padding examples) are skipped. Returns the arrays.
   """
-  from alignjax.training import steps  # noqa: PLC0415
   if num_examples <= 0:
     raise ValueError(f"reference.precompute: `num_examples` must be > 0, got {num_examples}.")
-  fn = steps.make_reference_logps_fn(model, chunk_size=chunk_size, mesh=mesh)
+  fn = make_reference_logps_fn(model, chunk_size=chunk_size, mesh=mesh)
   graphdef_params = nnx.split(model, nnx.Param, ...)[1]
   store, keys = None, ()
   filled = np.zeros((num_examples,), bool)
@@ -192,3 +197,26 @@ def attach(batch: Mapping[str, Any], store: Mapping[str, np.ndarray], indices) -
       raise ValueError(f"reference.attach: `{k}` was never computed for some of examples {indices.tolist()}.")
     out[k] = vals.astype(np.float32)
   return out
+
+
+def make_reference_logps_fn(model: nnx.Module, *, chunk_size: int = 128, mesh=None):
+  """Jitted ``fn(params, batch) -> {reference_{side}_{logps,mean_logps}: [B] float32}``.
+
+  The pass :func:`alignjax.training.reference.precompute` runs once over a data set.
+  """
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)   # a frozen model: every parameter
+
+  def fn(params, batch):
+    m = nnx.merge(graphdef, params, rest)
+    sides = batch_lib.detect(batch).present_sides(batch)
+    lp, mask, _ = algo_base.sequence_logps(m, batch, sides, average=False, chunk_size=chunk_size)
+    out = {}
+    for kind, average in (("logps", False), ("mean_logps", True)):
+      for side, x in zip(sides, batch_lib.split_sides(algo_base.reduce(lp, mask, average), len(sides))):
+        out[f"reference_{side}_{kind}"] = x
+    return out
+
+  kwargs = {}
+  if mesh is not None:
+    kwargs["in_shardings"] = (None, sharding_lib.batch_sharding(mesh, ndim=1))
+  return jax.jit(fn, **kwargs)

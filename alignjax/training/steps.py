@@ -85,14 +85,64 @@ class TrainState(NamedTuple):
   skipped: jax.Array
 
 
+BASE = "base"   # the frozen-dict key of a LoRA model's base weights (see frozen_base)
+
+
+class _Graph(NamedTuple):
+  """How a step rebuilds the policy from the trained parameters.
+
+  A LoRA model (``alignjax.models.lora``) trains its adapters only: its base
+  weights travel in the step's ``frozen`` dict under :data:`BASE` (not donated,
+  no optimizer state, stop-gradient), and ``off`` is the graph with the adapters
+  switched off (``reference.mode=adapter_off``: the reference is the same weights).
+  """
+  graphdef: Any
+  rest: Any
+  off: Any = None
+  lora: bool = False
+
+  def merge(self, params, base=None, *, adapters: bool = True):
+    if not self.lora:
+      return nnx.merge(self.graphdef, params, self.rest)
+    if base is None:
+      raise ValueError(f"train_step: a LoRA model's step needs its base weights in `frozen[{BASE!r}]` "
+                       "(steps.frozen_base(model)).")
+    return nnx.merge(self.graphdef if adapters else self.off, params, base, self.rest)
+
+
+def _is_lora(model) -> bool:
+  from alignjax.models import lora  # noqa: PLC0415
+  return lora.has_lora(model)
+
+
 def _split(model):
+  """``(graph, trainable params)``: a LoRA model's adapters, else every ``nnx.Param``."""
+  if _is_lora(model):
+    from alignjax.models import lora  # noqa: PLC0415
+    graphdef, params, _, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+    with lora.adapters_off(model):
+      off = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)[0]
+    return _Graph(graphdef, rest, off, True), params
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return graphdef, params, rest
+  return _Graph(graphdef, rest), params
+
+
+def frozen_base(model: nnx.Module, *, mesh=None) -> dict[str, Any]:
+  """``{"base": base weights}`` a LoRA model's step takes in ``frozen`` (``{}`` for other models).
+
+  Sharded over ``mesh`` like the model's parameters (the rule table).
+  """
+  if not _is_lora(model):
+    return {}
+  base = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)[2]
+  if mesh is not None:
+    base = jax.device_put(base, _param_shardings(model, mesh, which="base"))
+  return {BASE: base}
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, *, mesh=None) -> TrainState:
-  """Fresh :class:`TrainState` from ``model``'s parameters (sharded over ``mesh`` if given)."""
-  _, params, _ = _split(model)
+  """Fresh :class:`TrainState` from ``model``'s trainable parameters (sharded over ``mesh`` if given)."""
+  _, params = _split(model)
   # Copies, so donating the state never deletes the model's own buffers.
   params = jax.tree.map(jnp.copy, params)
   if mesh is None:
@@ -106,45 +156,35 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, *, mesh=None
 
 def abstract_state(model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
   """:class:`TrainState` of ``jax.ShapeDtypeStruct`` (for AOT lowering); allocates nothing new."""
-  _, params, _ = _split(model)
+  _, params = _split(model)
   abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   return TrainState(scalar, abstract(params), jax.eval_shape(tx.init, abstract(params)), scalar)
 
 
-def _path_key(path) -> tuple:
-  keys = []
-  for k in path:
-    name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
-    keys.append(name)
-  if keys and keys[-1] == "value":
-    keys = keys[:-1]
-  return tuple(keys)
-
-
-def _param_shardings(model, mesh):
+def _param_shardings(model, mesh, which: str = "trainable"):
+  """Shardings of the ``trainable`` params (:func:`_split`), ``all`` nnx.Params, or a LoRA model's ``base``."""
   from alignjax import sharding as sharding_lib  # noqa: PLC0415 (optional until a mesh is used)
-  _, params, _ = _split(model)
-  by_path = {_path_key(p): s for p, s in jax.tree_util.tree_flatten_with_path(
-      sharding_lib.model_shardings(model, mesh))[0]}
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def pick(path, x):
-    s = by_path.get(_path_key(path), replicated)
-    return s
-  return jax.tree_util.tree_map_with_path(pick, params)
+  if which == "trainable":
+    _, params = _split(model)
+  elif which == "all":
+    params = nnx.state(model, nnx.Param)
+  else:
+    params = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)[2]
+  return sharding_lib.param_shardings(model, mesh, params)
 
 
 def state_shardings(model: nnx.Module, tx: optax.GradientTransformation, mesh) -> TrainState:
   """:class:`TrainState` of ``NamedSharding`` for ``mesh`` (see the module docstring)."""
+  from alignjax.sharding import path_key as sharding_path_key  # noqa: PLC0415
   param_sh = _param_shardings(model, mesh)
   abstract = abstract_state(model, tx)
-  by_path = {_path_key(p): (tuple(x.shape), s) for (p, x), s in zip(
+  by_path = {sharding_path_key(p): (tuple(x.shape), s) for (p, x), s in zip(
       jax.tree_util.tree_flatten_with_path(abstract.params)[0], jax.tree.leaves(param_sh))}
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def pick(path, x):
-    key = _path_key(path)
+    key = sharding_path_key(path)
     for i in range(len(key)):  # the longest suffix of the leaf's path that names a parameter
       shape, s = by_path.get(key[i:], (None, None))
       if shape is not None and shape == tuple(x.shape):
@@ -177,31 +217,41 @@ def _batch_sharding(mesh):
   return sharding_lib.batch_sharding(mesh, ndim=1)  # a prefix spec: fits [B] and [B, T] leaves
 
 
-def _frozen_shardings(reference, mesh):
+def _frozen_shardings(reference, mesh, model=None):
   if mesh is None:
     return None
-  shardings = getattr(reference, "shardings", None)
-  return dict(shardings) if shardings else None
+  shardings = dict(getattr(reference, "shardings", None) or {})
+  if model is not None and _is_lora(model):
+    shardings[BASE] = _param_shardings(model, mesh, which="base")
+  return shardings or None
 
 
-def _context(graphdef, rest, reference, cast, chunk_size, params, frozen, statistics=None):
+def _context(graph, reference, cast, chunk_size, params, frozen, statistics=None):
+  frozen = dict(frozen or {})
+  base = frozen.pop(BASE, None)
+  if base is not None:
+    base = jax.lax.stop_gradient(base)
+    base = cast(base) if cast is not None else base
   p = cast(params) if cast is not None else params
-  policy = nnx.merge(graphdef, p, rest)
-  return algorithms.Context(policy, reference.merge(frozen, cast), reference, chunk_size, statistics)
+  policy = graph.merge(p, base)
+  models = reference.merge(frozen, cast)
+  if reference.mode == "adapter_off":   # the reference: the policy's own weights with the adapters off
+    models["reference"] = graph.merge(jax.lax.stop_gradient(p), base, adapters=False)
+  return algorithms.Context(policy, models, reference, chunk_size, statistics)
 
 
-def _loss_terms(graphdef, rest, loss, reference, cast, chunk_size):
+def _loss_terms(graph, loss, reference, cast, chunk_size):
   """``fn(params, batch, frozen, statistics) -> (sum(w l), (sum(w), per-example metrics))``."""
 
   def fn(params, batch, frozen, statistics=None):
-    ctx = _context(graphdef, rest, reference, cast, chunk_size, params, frozen, statistics)
+    ctx = _context(graph, reference, cast, chunk_size, params, frozen, statistics)
     out = loss.algorithm.objective(loss.hparams, ctx, batch)
     w = out.weights.astype(jnp.float32)
     return jnp.sum(out.losses * w), (jnp.sum(w), out.metrics)
   return fn
 
 
-def _batch_statistics(graphdef, rest, loss, reference, cast, chunk_size):
+def _batch_statistics(graph, loss, reference, cast, chunk_size):
   """``fn(params, batch, frozen, k) -> {name: [B]}`` of the algorithm's ``batch_statistics`` (or None).
 
   Evaluated micro-batch by micro-batch (rows ``i, i+k, ...`` as the step
@@ -213,7 +263,7 @@ def _batch_statistics(graphdef, rest, loss, reference, cast, chunk_size):
     return None
 
   def one(params, batch, frozen):
-    ctx = _context(graphdef, rest, reference, cast, chunk_size, jax.lax.stop_gradient(params), frozen)
+    ctx = _context(graph, reference, cast, chunk_size, jax.lax.stop_gradient(params), frozen)
     return jax.tree.map(jax.lax.stop_gradient, dict(hook(loss.hparams, ctx, batch)))
 
   def fn(params, batch, frozen, k=1, micro=None):
@@ -264,11 +314,11 @@ def make_train_step(
     raise ValueError(f"make_train_step: `max_grad_norm` must be > 0 or None, got {max_grad_norm}.")
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"make_train_step: `chunk_size` must be a positive int, got {chunk_size!r}.")
-  graphdef, _, rest = _split(model)
+  graph, _ = _split(model)
   cast = _caster(compute_dtype)
   objective_loss = loss
-  terms = _loss_terms(graphdef, rest, loss, reference, cast, chunk_size)
-  statistics_fn = _batch_statistics(graphdef, rest, loss, reference, cast, chunk_size)
+  terms = _loss_terms(graph, loss, reference, cast, chunk_size)
+  statistics_fn = _batch_statistics(graph, loss, reference, cast, chunk_size)
   grad_fn = jax.value_and_grad(terms, has_aux=True)
   k = grad_accum
 
@@ -321,7 +371,7 @@ def make_train_step(
   if mesh is not None:
     shardings = state_shardings(model, tx, mesh)
     data = _batch_sharding(mesh)
-    jit_kwargs["in_shardings"] = (shardings, data, _frozen_shardings(reference, mesh))
+    jit_kwargs["in_shardings"] = (shardings, data, _frozen_shardings(reference, mesh, model))
     jit_kwargs["out_shardings"] = (shardings, None)
   return jax.jit(train_step, **jit_kwargs)
 
@@ -337,9 +387,9 @@ def make_eval_step(
 ):
   """Jitted ``eval_step(params, batch, frozen) -> metrics`` (``loss`` and the objective's metrics)."""
   _check_loss("make_eval_step", loss, reference)
-  graphdef, _, rest = _split(model)
-  terms = _loss_terms(graphdef, rest, loss, reference, _caster(compute_dtype), chunk_size)
-  statistics_fn = _batch_statistics(graphdef, rest, loss, reference, _caster(compute_dtype), chunk_size)
+  graph, _ = _split(model)
+  terms = _loss_terms(graph, loss, reference, _caster(compute_dtype), chunk_size)
+  statistics_fn = _batch_statistics(graph, loss, reference, _caster(compute_dtype), chunk_size)
 
   def eval_step(params, batch, frozen):
     schema = _schema(loss, batch)
@@ -352,28 +402,8 @@ def make_eval_step(
   kwargs = {}
   if mesh is not None:
     from alignjax import sharding as sharding_lib  # noqa: PLC0415
-    kwargs["in_shardings"] = (None, _batch_sharding(mesh), _frozen_shardings(reference, mesh))
+    kwargs["in_shardings"] = (None, _batch_sharding(mesh), _frozen_shardings(reference, mesh, model))
   return jax.jit(eval_step, **kwargs)
 
 
-def make_reference_logps_fn(model: nnx.Module, *, chunk_size: int = 128, mesh=None):
-  """Jitted ``fn(params, batch) -> {reference_{side}_{logps,mean_logps}: [B] float32}``.
-
-  The pass :func:`alignjax.training.reference.precompute` runs once over a data set.
-  """
-  graphdef, _, rest = _split(model)
-
-  def fn(params, batch):
-    m = nnx.merge(graphdef, params, rest)
-    sides = batch_lib.detect(batch).present_sides(batch)
-    lp, mask, _ = algo_base.sequence_logps(m, batch, sides, average=False, chunk_size=chunk_size)
-    out = {}
-    for kind, average in (("logps", False), ("mean_logps", True)):
-      for side, x in zip(sides, batch_lib.split_sides(algo_base.reduce(lp, mask, average), len(sides))):
-        out[f"reference_{side}_{kind}"] = x
-    return out
-
-  kwargs = {}
-  if mesh is not None:
-    kwargs["in_shardings"] = (None, _batch_sharding(mesh))
-  return jax.jit(fn, **kwargs)
+make_reference_logps_fn = reference_lib.make_reference_logps_fn

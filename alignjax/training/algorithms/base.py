@@ -288,7 +288,7 @@ def reference_sequence_logps(ctx: Context, batch, sides: tuple[str, ...], *, ave
   reference-free, Meng et al. 2024, arXiv:2405.14734).
   """
   mode = ctx.reference.mode
-  if mode == "online":
+  if mode in ("online", "adapter_off"):
     _, _, seq = sequence_logps(ctx.frozen["reference"], batch, sides, average=average, chunk_size=ctx.chunk_size)
     return tuple(jax.lax.stop_gradient(x) for x in seq)
   if mode == "precomputed":
