@@ -9,7 +9,6 @@ success(u) = Σ_{allowed v} p(v | u) · success(u v), unexplored children 1) rec
 from the torch probabilities; ``jax.monitoring`` compile events.
 """
 
-import contextlib
 
 import jax
 import numpy as np
@@ -79,19 +78,7 @@ def _tv(p, q):
   return 0.5 * np.abs(p - q).sum()
 
 
-@contextlib.contextmanager
-def _count_compiles():
-  counter = {"n": 0}
-
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
-      counter["n"] += 1
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield counter
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
+from tests.test_decoding import _count_compiles  # noqa: E402 (one compile counter for the decoding tests)
 
 
 def test_asap_converges_to_the_grammar_conditioned_distribution_where_masking_does_not(setup):

@@ -430,3 +430,52 @@ def test_no_usable_row_exits_2_with_one_line_through_the_launcher(tok_dir, tmp_p
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and "no usable row in" in lines[0] and "bad.jsonl (2 rows" in lines[0], proc.stderr
+
+
+UNPAIRED_ROWS = [
+    {"prompt": "how do you sort the digits", "completion": "they are sorted", "label": True},
+    {"prompt": "what is two plus three", "completion": "it is four", "label": False},
+    {"prompt": "sort a b c please", "completion": "a b c", "label": 1},
+    {"prompt": "sort a b c please", "completion": "c b a"},                       # no label: dropped
+]
+
+
+def test_unpaired_trl_rows_tokenize_with_their_labels(tmp_path, tok_dir):
+  """TRL's unpaired format (prompt, completion, label): one completion per row, the label kept; the loop
+  reads the rows in the unpaired schema (reference: the tokenizer's own encode of prompt + completion)."""
+  import tokenizers
+  path, vocab = tok_dir
+  arrays, report = tokenize_file(write_jsonl(tmp_path / "kto.jsonl", UNPAIRED_ROWS), path)
+  assert report.kept == 3 and report.dropped == {tok_lib.MISSING_FIELD: 1}
+  np.testing.assert_array_equal(arrays["label"], [1, 0, 1])
+  rows = batch_lib.unpaired_rows(arrays)
+  assert batch_lib.check_batch(rows, batch_lib.UNPAIRED)[0] == 3
+  np.testing.assert_array_equal(rows["desirable"], [True, False, True])
+  enc = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+  for i, r in enumerate(UNPAIRED_ROWS[:3]):
+    want = enc.encode(r["prompt"]).ids + enc.encode(r["completion"], add_special_tokens=False).ids + [EOS]
+    got = rows["completion_tokens"][i][rows["completion_attention"][i]].tolist()
+    assert got == want
+    n_resp = len(enc.encode(r["completion"], add_special_tokens=False).ids) + 1
+    assert rows["completion_response"][i].sum() == n_resp
+  # Pairs carry label -1 and stay pairs; mixing the two formats in one file is refused in one line.
+  pairs, _ = tokenize_file(write_jsonl(tmp_path / "pairs.jsonl", ROWS), path)
+  assert (pairs["label"] == -1).all() and batch_lib.unpaired_rows(pairs) is None
+  with pytest.raises(tok_lib.DataError, match="mixes preference pairs") as e:
+    tokenize_file(write_jsonl(tmp_path / "mixed.jsonl", ROWS + UNPAIRED_ROWS[:1]), path)
+  assert "\n" not in str(e.value)
+
+
+def test_kto_trains_on_an_unpaired_file_through_the_loop(tmp_path, tok_dir):
+  from alignjax.training import config as config_lib
+  from alignjax.training import loop
+  path, _ = tok_dir
+  rows = [dict(r, label=bool(i % 2)) for i, r in enumerate(UNPAIRED_ROWS[:3] * 3)]
+  cfg = config_lib.build(None, **{
+      "data.kind": "file", "data.path": write_jsonl(tmp_path / "kto.jsonl", rows), "data.tokenizer": path,
+      "data.seq_len": 16, "data.eval_examples": 2, "loss.name": "kto", "batch_size": 2, "eval_batch_size": 2,
+      "model.hidden_size": 16, "model.intermediate_size": 32, "model.num_layers": 1, "model.num_heads": 2,
+      "model.num_kv_heads": 1, "model.head_dim": 8, "sft.steps": 1, "sft.warmup_steps": 1, "dpo.steps": 2,
+      "dpo.warmup_steps": 1, "log_every": 1, "checkpoint_every": 10})
+  result = loop.run(cfg, workdir=str(tmp_path / "run"), handle_signals=False)
+  assert result["loss"] == "kto" and np.isfinite(result["eval_after"]["loss"])

@@ -8,7 +8,6 @@ in float64 as the authors' ``generate_step`` does (``rewards * weight + logits``
 or ``softmax(· / temperature)``); ``jax.monitoring`` compile events for recompilation.
 """
 
-import contextlib
 
 import jax
 import numpy as np
@@ -44,19 +43,7 @@ def setup(tmp_path_factory):
               rm_dir=rm_dir)
 
 
-@contextlib.contextmanager
-def _count_compiles():
-  counter = {"n": 0}
-
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
-      counter["n"] += 1
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield counter
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
+from tests.test_decoding import _count_compiles  # noqa: E402 (one compile counter for the decoding tests)
 
 
 def _torch_next_logits(torch_model, row):

@@ -290,3 +290,18 @@ def abstract_batch(schema_: Schema, batch_size: int, seq_len: int, *, sides: tup
     for k in reference_keys(schema_, sides):
       out[k] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
   return out
+
+
+def unpaired_rows(batch: Mapping[str, Any]) -> dict[str, Any] | None:
+  """The unpaired rows of a tokenised file batch, or None when it holds pairs.
+
+  Files in TRL's unpaired format (``prompt``, ``completion``, ``label``) are stored
+  like pairs whose two sides are the completion, with ``label`` 1 (desirable) or
+  0; pairs carry ``label == -1``. Returns the unpaired schema's keys.
+  """
+  label = batch.get("label")
+  if label is None or np.size(label) == 0 or np.asarray(label).min() < 0:
+    return None
+  out = {f"completion_{f}": batch[key("chosen", f)] for f in FIELDS}
+  out[DESIRABLE] = np.asarray(label) > 0
+  return out

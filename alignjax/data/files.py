@@ -35,7 +35,8 @@ from alignjax.data import tokenize as tok_lib
 
 FORMATS = ("auto", "jsonl", "parquet", "save_to_disk")
 _REPORT_FILE = "alignjax_report.json"
-_CACHE_VERSION = "2"  # 2: chat responses end with one end-of-turn token; chat prompts lose whole turns
+_CACHE_VERSION = "3"  # 2: chat responses end with one end-of-turn token; chat prompts lose whole turns
+# 3: a `label` column: -1 for pairs, 1 / 0 for TRL's unpaired rows (desirable or not)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -264,7 +265,8 @@ class PreferenceFile(LocalBuilder):
     return LocalDatasetInfo(
         builder=self, description=__doc__,
         features=preference_features(self.builder_config.seq_len,
-                                     {"row": tfds.features.Tensor(shape=(), dtype=np.int32)}))
+                                     {"row": tfds.features.Tensor(shape=(), dtype=np.int32),
+                                      "label": tfds.features.Tensor(shape=(), dtype=np.int8)}))
 
   def _split_generators(self, dl_manager):
     del dl_manager

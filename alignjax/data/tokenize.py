@@ -295,11 +295,23 @@ def _row_texts(record, tok: HFTokenizer):
   ``kind`` is "plain" (prompt gets the tokenizer's prefix) or "chat" (texts
   rendered with the chat template; ``prompt_messages`` for turn-wise truncation).
   """
-  kind, *texts = _row_texts_impl(record, tok)
+  kind, *texts = _row_texts_impl(record, tok, unpaired=_is_unpaired(record))
   return (kind, *texts) if len(texts) == 4 else (kind, *texts, None)
 
 
-def _row_texts_impl(record, tok: HFTokenizer):
+def _is_unpaired(record) -> bool:
+  """TRL's unpaired format: ``prompt``, ``completion`` and a bool ``label`` (desirable or not)."""
+  return isinstance(record, Mapping) and "completion" in record and "chosen" not in record and "rejected" not in record
+
+
+def _as_pair(record):
+  """An unpaired record as a pair whose two sides are its completion (the label travels separately)."""
+  return {"prompt": record.get("prompt"), "chosen": record["completion"], "rejected": record["completion"]}
+
+
+def _row_texts_impl(record, tok: HFTokenizer, unpaired: bool = False):
+  if unpaired:
+    record = _as_pair(record)
   if isinstance(record, BadRecord):
     return record.reason, None, None, None
   if not isinstance(record, Mapping):
@@ -311,7 +323,7 @@ def _row_texts_impl(record, tok: HFTokenizer):
   if all(isinstance(x, str) for x in (chosen, rejected)) and isinstance(prompt, str):
     if not chosen.strip() or not rejected.strip():
       return EMPTY_RESPONSE, None, None, None
-    if chosen == rejected:
+    if chosen == rejected and not unpaired:
       return IDENTICAL, None, None, None
     return "plain", prompt, chosen, rejected
   if prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
@@ -323,7 +335,7 @@ def _row_texts_impl(record, tok: HFTokenizer):
   if prompt is None:  # implicit prompt: the common message prefix (TRL's extract_prompt)
     if not (_is_messages(chosen) and _is_messages(rejected)):
       return MISSING_FIELD, None, None, None
-    if chosen == rejected:
+    if chosen == rejected and not unpaired:
       return IDENTICAL, None, None, None
     k = 0
     while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
@@ -338,7 +350,7 @@ def _row_texts_impl(record, tok: HFTokenizer):
   chosen, rejected = _as_messages(chosen), _as_messages(rejected)
   if _messages_empty(chosen) or _messages_empty(rejected):
     return EMPTY_RESPONSE, None, None, None
-  if chosen == rejected:
+  if chosen == rejected and not unpaired:
     return IDENTICAL, None, None, None
   try:
     prompt_text = tok.apply_chat_template(list(prompt), add_generation_prompt=True)
@@ -442,8 +454,8 @@ def tokenize_pairs(records: Iterable[tuple[int, Any]], tokenizer: HFTokenizer, o
   T = options.max_len
   report = DataReport(source=source)
   cols: dict[str, list] = {k: [] for k in batch_lib.PREFERENCE_KEYS}
-  cols["row"] = []
-  pending: list[tuple[int, str, str, str, str, Any]] = []
+  cols["row"], cols["label"] = [], []
+  pending: list[tuple[int, str, str, str, str, Any, int]] = []
 
   def finish(resp_ids, kind):
     """A response's ids ending with one end-of-turn token (chat) or EOS (appended if needed)."""
@@ -456,9 +468,9 @@ def tokenize_pairs(records: Iterable[tuple[int, Any]], tokenizer: HFTokenizer, o
     return list(resp_ids)
 
   def flush():
-    texts = [t for _, _, p, c, r, _ in pending for t in (p, c, r)]
+    texts = [t for _, _, p, c, r, _, _ in pending for t in (p, c, r)]
     ids = tokenizer.encode_batch(texts) if texts else []
-    for i, (row, kind, _, _, _, messages) in enumerate(pending):
+    for i, (row, kind, _, _, _, messages, label) in enumerate(pending):
       p_ids, c_ids, r_ids = ids[3 * i: 3 * i + 3]
       if kind == "plain":
         p_ids = list(tokenizer.prompt_prefix) + list(p_ids)
@@ -490,7 +502,7 @@ def tokenize_pairs(records: Iterable[tuple[int, Any]], tokenizer: HFTokenizer, o
           continue
         lost = (len(c_ids) > room) + (len(r_ids) > room)
         c_ids, r_ids, cut_response = c_ids[:room], r_ids[:room], True
-      if c_ids == r_ids:
+      if c_ids == r_ids and label < 0:
         report.drop(IDENTICAL_AFTER_TRUNCATION, row)
         continue
       for side, resp in (("chosen", c_ids), ("rejected", r_ids)):
@@ -505,6 +517,7 @@ def tokenize_pairs(records: Iterable[tuple[int, Any]], tokenizer: HFTokenizer, o
         cols[f"{side}_attention"].append(attention)
         cols[f"{side}_response"].append(response)
       cols["row"].append(row)
+      cols["label"].append(label)
       report.kept += 1
       report.truncated += cut_prompt or cut_response
       report.truncated_prompt += cut_prompt
@@ -514,16 +527,28 @@ def tokenize_pairs(records: Iterable[tuple[int, Any]], tokenizer: HFTokenizer, o
 
   for row, record in records:
     report.rows += 1
+    label = -1   # a pair; unpaired rows (TRL's prompt/completion/label) carry 1 (desirable) or 0
+    if _is_unpaired(record):
+      value = record.get("label")
+      if not isinstance(value, (bool, np.bool_)) and value not in (0, 1):
+        report.drop(MISSING_FIELD if value is None else BAD_TYPE, row)
+        continue
+      label = int(bool(value))
     kind, prompt, chosen, rejected, messages = _row_texts(record, tokenizer)
     if kind not in ("plain", "chat"):
       report.drop(kind, row)
       continue
-    pending.append((row, kind, prompt, chosen, rejected, messages))
+    pending.append((row, kind, prompt, chosen, rejected, messages, label))
     if len(pending) >= chunk_size:
       flush()
   flush()
   if report.kept == 0:
     return {}, report
+  labels = np.asarray(cols.pop("label"), np.int8)
+  if (labels < 0).any() and (labels >= 0).any():
+    raise DataError(f"tokenize_pairs: {source} mixes preference pairs (prompt/chosen/rejected) and unpaired rows "
+                    "(prompt/completion/label); use one format per file.")
   arrays = {k: np.stack(v) for k, v in cols.items() if k != "row"}
   arrays["row"] = np.asarray(cols["row"], np.int32)
+  arrays["label"] = labels
   return arrays, report

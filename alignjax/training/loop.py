@@ -251,6 +251,9 @@ def _schema_adapter(algorithm, cfg: RunConfig):
   from alignjax.data import batch as batch_lib  # pylint: disable=import-outside-toplevel
 
   def adapt(batch):
+    rows = batch_lib.unpaired_rows(batch)   # a file in TRL's unpaired format (prompt, completion, label)
+    if rows is not None:
+      batch = rows
     schema = batch_lib.detect(batch)
     if cfg.data.swap_pairs and schema.name == "paired":
       batch = batch_lib.swap_pairs(batch)
@@ -426,7 +429,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     host_batch = adapt(host_batch)
     return rollout(objects["pref"].params, host_batch, step) if rollout is not None else host_batch
   pref.data = pref_data
-  sft.data = lambda b, step: b
+  sft.data = lambda b, step: batch_lib.unpaired_rows(b) or b   # unpaired files: SFT on the desirable rows
   to_device = global_batch(mesh)
 
   ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.max_checkpoints, warn=_warn if main else (lambda m: None))
