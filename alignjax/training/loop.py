@@ -449,7 +449,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     progress = progress or run_lib.Progress(total, start, enabled=main)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))
     n_trainable = sum(x.size for x in jax.tree.leaves(objects["sft"].params))
-    progress.set_peak_flops(run_lib.peak_flops("float32"))
+    progress.set_peak_flops(run_lib.peak_flops(cfg.precision.compute_dtype))
     if start:
       progress.message(f"resumed from step {start} of {total} ({ckpt_dir})")
     if ches_note:
