@@ -18,7 +18,7 @@ holds the other's memory):
 
 Printed per contender: ``RESULT {json}``. MFU = model FLOPs / time / the accelerator's
 published dense peak for the compute dtype (H100/H200 bf16: 989 TFLOP/s; see
-``alignjax.training.run.peak_flops``); model FLOPs of a DPO step = (6 + 2) * N * tokens
+``alignjax.training.runtime.peak_flops``); model FLOPs of a DPO step = (6 + 2) * N * tokens
 (policy forward + backward, reference forward), N = the matmul parameters (all but the
 embedding lookup; the tied LM head counts), attention score FLOPs excluded. Decoding:
 bytes read per step = the bf16 weights once (LM head included) + the KV cache, against

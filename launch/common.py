@@ -102,7 +102,7 @@ def _wrap(main: Callable, help_fn: Callable[[], str]) -> Callable:
       import jax  # pylint: disable=import-outside-toplevel
       jax.distributed.initialize()
     from alignjax.configs import ConfigError  # pylint: disable=import-outside-toplevel
-    from alignjax.training import run as run_lib  # pylint: disable=import-outside-toplevel
+    from alignjax.training import runtime as run_lib  # pylint: disable=import-outside-toplevel
     from alignjax.data.tokenize import DataError  # pylint: disable=import-outside-toplevel
     try:
       return main(argv)

@@ -6,7 +6,7 @@ import types
 import jax
 import numpy as np
 
-from alignjax.training import run as run_lib
+from alignjax.training import runtime as run_lib
 
 
 def test_cpu_peak_is_measured_once_and_named_in_the_progress_line(monkeypatch):

@@ -22,7 +22,7 @@ import pytest
 
 from alignjax.training import config as config_lib
 from alignjax.training import loop
-from alignjax.training import run as run_lib
+from alignjax.training import runtime as run_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable

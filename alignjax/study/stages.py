@@ -194,7 +194,7 @@ def write_sampled_preferences(cfg, sft_model, path: str) -> bool:
 def finished(run_cfg, workdir: str) -> bool:
   """True when ``workdir`` holds a finished run of exactly this config's identity and budget."""
   from alignjax.training import config as config_lib  # pylint: disable=import-outside-toplevel
-  from alignjax.training import run as run_lib  # pylint: disable=import-outside-toplevel
+  from alignjax.training import runtime as run_lib  # pylint: disable=import-outside-toplevel
   final = read_json(os.path.join(workdir, "final_metrics.json"))
   record = run_lib.read_record(os.path.join(workdir, "checkpoints"))
   if final is None or record is None:

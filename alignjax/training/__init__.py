@@ -6,6 +6,8 @@
 * :mod:`alignjax.training.loop`: the train/eval loop over phases (``loop.run``) with run reliability.
 * :mod:`alignjax.training.config`: the typed, validated run config.
 * :mod:`alignjax.training.rollout`: on-policy data (the policy's samples).
+* :mod:`alignjax.training.runtime`: what a run needs around the loop: the workdir lock,
+  metrics writers, progress lines and MFU, preemption signals, run records.
 """
 
 from alignjax.training import algorithms, reference, steps

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 from alignjax.training import algorithms
 from alignjax.training import config as config_lib
-from alignjax.training import run as run_lib
+from alignjax.training import runtime as run_lib
 from alignjax.training.checkpoint import FINAL_POLICY, load_policy
 from alignjax.training.config import ConfigError, RunConfig
 
