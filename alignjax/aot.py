@@ -214,6 +214,7 @@ class Experiment:
     remat: rematerialisation policy (``ModelConfig.remat``); None keeps the model's.
     grad_accum, chunk_size, max_grad_norm: as in ``make_train_step``.
     learning_rate: AdamW peak learning rate (shapes only; any positive value).
+    scan_layers: blocks under ``nnx.scan`` (None: the model's own layout; presets are per-layer).
   """
   algorithm: str = "dpo"
   model: Any = "llama_tiny"
@@ -230,6 +231,7 @@ class Experiment:
   chunk_size: int = 128
   max_grad_norm: Optional[float] = 1.0
   learning_rate: float = 1e-6
+  scan_layers: Optional[bool] = None
 
   def __post_init__(self):
     from alignjax.training import algorithms  # noqa: PLC0415
@@ -282,6 +284,10 @@ class Experiment:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if remat is not None:
       kw["remat"] = remat
+    # scan_layers: compile time and HLO size independent of depth (a full 80-layer step compiles), but XLA's
+    # cost analysis counts a while body once, so the planner's FLOPs then come from one layer.
+    if self.scan_layers is not None:
+      kw["scan_layers"] = self.scan_layers
     return dataclasses.replace(cfg, **kw)
 
   def key(self) -> dict:

@@ -54,6 +54,8 @@ flags.DEFINE_bool("compile", True, "--nocompile: per-device lower bound (params+
 flags.DEFINE_integer("top", 10, "Rows of the --search table.")
 flags.DEFINE_string("cache_dir", None, "Search cache (default $ALIGNJAX_AOT_CACHE or ~/.cache/alignjax/aot).")
 flags.DEFINE_enum("backend", "auto", ["auto", "tpu", "cpu"], "tpu (libtpu), cpu (fake devices) or auto.")
+flags.DEFINE_boolean("scan_layers", None, "Plan with the blocks under nnx.scan: a deep model compiles in the time of a "
+                     "shallow one (XLA's cost analysis then counts one layer's FLOPs).")
 flags.DEFINE_string("emit_config", None, "Write the chosen plan as a config file that launch/train.py --config=PATH runs.")
 
 
