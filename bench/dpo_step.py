@@ -182,24 +182,18 @@ def run_torch():
   _report("torch", times, tokens.numel(), baseline, loss=loss.item(), threads=torch.get_num_threads())
 
 
-def run_trl():
-  import datasets
+def trl_inputs(cfg, pairs, prompt, response, n_steps):
+  """``(hf_tokenizer, rows)``: a word-level tokenizer over the model's ids (``w<i>`` is id i) and the
+  DPO rows TRL reads, the same token ids as :func:`_tokens` gives the other contenders."""
   import numpy as np
   import tokenizers
-  import torch
   import transformers
-  import trl
-  _torch_threads()
-  baseline = _rss_mb()
-  cfg = _config()
-  pairs, prompt, response = _shape()
   specials = ["<pad>", "<unk>", "</s>"]
   vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(3, cfg.vocab_size)])}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
   hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                                 unk_token="<unk>")
-  n_steps = _WARMUP.value + _STEPS.value
   rng = np.random.default_rng(0)
   rows = []
   words = lambda ids: "".join(f"w{i} " for i in ids)
@@ -207,10 +201,15 @@ def run_trl():
     p, c, r = _tokens(rng, pairs, prompt, response, cfg.vocab_size)
     for b in range(pairs):  # TRL appends EOS itself: give response_len - 1 words.
       rows.append(dict(prompt=words(p[b]), chosen=words(c[b, :-1]), rejected=words(r[b, :-1])))
-  torch.manual_seed(0)
-  policy = transformers.LlamaForCausalLM(_hf_config(cfg))
-  torch.manual_seed(1)
-  ref_model = transformers.LlamaForCausalLM(_hf_config(cfg))
+  return hf_tok, rows
+
+
+def trl_train(policy, ref_model, rows, hf_tok, *, pairs, n_steps, warmup, peft_config=None):
+  """``(step times after warm-up, trainer)`` of TRL's ``DPOTrainer`` over ``rows`` (constant lr, no logging)."""
+  import time
+  import datasets
+  import transformers
+  import trl
   times, starts = [], {}
 
   class Timer(transformers.TrainerCallback):
@@ -218,7 +217,7 @@ def run_trl():
       starts["t"] = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
-      if state.global_step > _WARMUP.value:
+      if state.global_step > warmup:
         times.append(time.perf_counter() - starts["t"])
 
   with tempfile.TemporaryDirectory() as out:
@@ -226,14 +225,31 @@ def run_trl():
         output_dir=out, beta=BETA, learning_rate=LR, max_grad_norm=CLIP, per_device_train_batch_size=pairs,
         max_steps=n_steps, report_to=[], use_cpu=True, bf16=False, logging_steps=10**6, save_strategy="no",
         dataloader_num_workers=0, lr_scheduler_type="constant", warmup_steps=0)
-    trainer = trl.DPOTrainer(model=policy, ref_model=ref_model, args=args,
+    trainer = trl.DPOTrainer(model=policy, ref_model=ref_model, args=args, peft_config=peft_config,
                              train_dataset=datasets.Dataset.from_list(rows), processing_class=hf_tok,
                              callbacks=[Timer()])
-    sample = trainer.train_dataset[0]
-    seq_len = len(sample["prompt_ids"] if "prompt_ids" in sample else sample["prompt_input_ids"])
     trainer.train()
+  return times, trainer
+
+
+def run_trl():
+  import torch
+  import transformers
+  _torch_threads()
+  baseline = _rss_mb()
+  cfg = _config()
+  pairs, prompt, response = _shape()
+  n_steps = _WARMUP.value + _STEPS.value
+  hf_tok, rows = trl_inputs(cfg, pairs, prompt, response, n_steps)
+  torch.manual_seed(0)
+  policy = transformers.LlamaForCausalLM(_hf_config(cfg))
+  torch.manual_seed(1)
+  ref_model = transformers.LlamaForCausalLM(_hf_config(cfg))
+  times, trainer = trl_train(policy, ref_model, rows, hf_tok, pairs=pairs, n_steps=n_steps, warmup=_WARMUP.value)
+  sample = trainer.train_dataset[0]
+  seq_len = len(sample["prompt_ids"] if "prompt_ids" in sample else sample["prompt_input_ids"])
   _report("trl", times, 2 * pairs * (prompt + response), baseline, prompt_tokens_seen=seq_len,
-          gradient_checkpointing=bool(args.gradient_checkpointing))
+          gradient_checkpointing=bool(trainer.args.gradient_checkpointing))
 
 
 def run_peak():

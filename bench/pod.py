@@ -35,7 +35,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -158,33 +157,17 @@ def run_alignjax(args, name):
 # ---------------------------------------------------------------- TRL
 
 def run_trl(args, name):
-  import datasets
-  import numpy as np
   import peft
-  import tokenizers
   import torch
   import transformers
-  import trl
 
   import dpo_step
   torch.set_num_threads(os.cpu_count())
   base_bytes = _peak_bytes()
   cfg = _config(args)
   pairs, prompt, response = _shape(args)
-  specials = ["<pad>", "<unk>", "</s>"]
-  vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(3, cfg.vocab_size)])}
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                                unk_token="<unk>")
   n_steps = args.warmup + args.steps
-  rng = np.random.default_rng(0)
-  words = lambda ids: "".join(f"w{i} " for i in ids)
-  rows = []
-  for _ in range(n_steps):
-    p, c, r = dpo_step._tokens(rng, pairs, prompt, response, cfg.vocab_size)
-    for b in range(pairs):  # TRL appends EOS itself: give response_len - 1 words.
-      rows.append(dict(prompt=words(p[b]), chosen=words(c[b, :-1]), rejected=words(r[b, :-1])))
+  hf_tok, rows = dpo_step.trl_inputs(cfg, pairs, prompt, response, n_steps)
   torch.manual_seed(0)
   policy = transformers.LlamaForCausalLM(dpo_step._hf_config(cfg))
   if name == "trl-lora":
@@ -194,26 +177,9 @@ def run_trl(args, name):
   else:
     torch.manual_seed(1)
     ref_model, peft_config = transformers.LlamaForCausalLM(dpo_step._hf_config(cfg)), None
-  times, starts = [], {}
-
-  class Timer(transformers.TrainerCallback):
-    def on_step_begin(self, args_, state, control, **kw):
-      starts["t"] = time.perf_counter()
-
-    def on_step_end(self, args_, state, control, **kw):
-      if state.global_step > args.warmup:
-        times.append(time.perf_counter() - starts["t"])
-
-  with tempfile.TemporaryDirectory() as out:
-    config = trl.DPOConfig(
-        output_dir=out, beta=BETA, learning_rate=LR, max_grad_norm=CLIP, per_device_train_batch_size=pairs,
-        max_steps=n_steps, report_to=[], use_cpu=True, bf16=False, logging_steps=10**6, save_strategy="no",
-        dataloader_num_workers=0, lr_scheduler_type="constant", warmup_steps=0)
-    trainer = trl.DPOTrainer(model=policy, ref_model=ref_model, args=config, peft_config=peft_config,
-                             train_dataset=datasets.Dataset.from_list(rows), processing_class=hf_tok,
-                             callbacks=[Timer()])
-    trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
-    trainer.train()
+  times, trainer = dpo_step.trl_train(policy, ref_model, rows, hf_tok, pairs=pairs, n_steps=n_steps,
+                                      warmup=args.warmup, peft_config=peft_config)
+  trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
   _result(name, times, 2 * pairs * (prompt + response), base_bytes, trainable=int(trainable),
           source="host_rss")
 
