@@ -482,7 +482,8 @@ def build_step(experiment: Experiment, topology: Topology, mesh: Sequence[int], 
   if experiment.algorithm_spec.make_model is not None:   # the model the algorithm trains (e.g. a reward model)
     from flax import nnx  # noqa: PLC0415
     policy = model
-    model = nnx.eval_shape(lambda: experiment.algorithm_spec.make_model(policy, _ShapeRngs()))
+    model = nnx.eval_shape(lambda: experiment.algorithm_spec.make_model(
+        policy, _ShapeRngs(), algorithms.loss(experiment.algorithm).hparams))
   tx = make_optimizer(experiment)
   loss = algorithms.loss(experiment.algorithm)
   mode = experiment.reference_mode

@@ -80,10 +80,10 @@ def test_activation_masks_match_numpy_mapo(setup, tmp_path):
 
 def test_mask_field_is_checked():
   with pytest.raises(ValueError, match="mask"):
-    algorithms.loss("sparsepo", mask="learned")
+    algorithms.loss("sparsepo", mask="bogus")
 
 
 def test_trains_end_to_end(tmp_path):
-  out = tiny_run(tmp_path, "sparsepo")
+  out = tiny_run(tmp_path, "sparsepo", **{"loss.mask": "activations"})
   assert out["steps"] == 3 and np.isfinite(out["eval_after"]["loss"])
   assert 0 < out["eval_after"]["sparsepo/mask_mean_chosen"] < 1

@@ -316,6 +316,9 @@ class Transformer(nnx.Module):
   ``model(tokens [B,T] int32, attention_mask=None, *, positions=None, cache=None,
   return_hidden=False)`` -> logits [B,T,V] in float32 (or the final-normed hidden
   [B,T,D] with ``return_hidden``); with a cache -> ``(out, new_cache)``.
+  ``all_hidden=True`` (no cache, per-layer models) -> every layer's output, a tuple of
+  ``num_layers`` [B,T,D] arrays, the last one final-normed (transformers'
+  ``output_hidden_states`` without the embeddings, ``hidden_states[1:]``).
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -381,7 +384,7 @@ class Transformer(nnx.Module):
   # -------------------------------------------------------------- forward
   def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, cache: KVCache | None = None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, all_hidden: bool = False):
     cfg = self.config
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -434,8 +437,10 @@ class Transformer(nnx.Module):
       else:
         key_masks[w] = base & (positions[:, :, None] - k_pos[:, None, :] < w)
 
+    if all_hidden and (cache is not None or cfg.scan_layers):
+      raise ValueError("Transformer: `all_hidden` needs a per-layer model (scan_layers=False) and no cache.")
     x = self.embed_tokens(tokens, positions)
-    new_k, new_v = [], []
+    new_k, new_v, hiddens = [], [], []
     if cfg.scan_layers:
       x, new_k, new_v = self._scanned(x, positions, key_masks, cache, cache_index)
     for i, block in enumerate(() if cfg.scan_layers else self.layers):
@@ -450,7 +455,11 @@ class Transformer(nnx.Module):
         x, (k, v) = block(x, positions, key_mask, (cache.k[i], cache.v[i]), cache_index)
         new_k.append(k)
         new_v.append(v)
+      if all_hidden:
+        hiddens.append(x)
     x = self.final_norm(x)
+    if all_hidden:
+      return (*hiddens[:-1], x)
     out = x if return_hidden else self.unembed(x)
     if cache is None:
       return out

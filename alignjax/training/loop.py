@@ -67,17 +67,39 @@ def fresh_workdir(workdir: str) -> str:
   return candidate
 
 
-def optimizer(phase: config_lib.PhaseConfig, *, weight_decay: float) -> Any:
+def optimizer(phase: config_lib.PhaseConfig, *, weight_decay: float, decay: Optional[Callable] = None) -> Any:
   """AdamW with linear warm-up and cosine decay to 10% of ``phase.learning_rate``.
 
   Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization",
-  arXiv:1711.05101. Gradient clipping is done by the train step.
+  arXiv:1711.05101. Gradient clipping is done by the train step. ``decay``:
+  ``fn(path) -> rate`` per parameter (a tuple of names) instead of one
+  ``weight_decay`` (optax's ``adamw`` chain with a per-parameter rate).
   """
+  import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, phase.learning_rate, max(phase.warmup_steps, 1), max(phase.steps, phase.warmup_steps + 1),
       end_value=0.1 * phase.learning_rate)
-  return optax.adamw(schedule, weight_decay=weight_decay)
+  if decay is None:
+    return optax.adamw(schedule, weight_decay=weight_decay)
+  from alignjax.sharding import path_key  # pylint: disable=import-outside-toplevel
+
+  def update(updates, state, params):
+    add = lambda path, u, p: u + decay(path_key(path)) * p
+    return jax.tree_util.tree_map_with_path(add, updates, params), state
+  per_parameter = optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return optax.chain(optax.scale_by_adam(), per_parameter, optax.scale_by_learning_rate(schedule))
+
+
+def _decay(algo, hparams, weight_decay: float, *, owned: bool) -> Optional[Callable]:
+  """``fn(path) -> rate`` of ``algo.param_decay`` (``owned=False``: 0 for the algorithm's own parameters)."""
+  if algo.param_decay is None:
+    return None
+
+  def rate(path):
+    r = algo.param_decay(hparams, path)
+    return weight_decay if r is None else (r if owned else 0.0)
+  return rate
 
 
 def first_on_process_zero(fn, name: str):
@@ -377,7 +399,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   policy = make_policy(cfg, vocab_size)
   from flax import nnx  # pylint: disable=import-outside-toplevel
   if algo.make_model is not None:   # the model the algorithm trains, built on the policy (e.g. a reward model)
-    policy = algo.make_model(policy, nnx.Rngs(cfg.seed + 1))
+    policy = algo.make_model(policy, nnx.Rngs(cfg.seed + 1), pref_loss.hparams)
   if cfg.lora.enabled:   # adapters only are trained and checkpointed; the base weights come from the policy
     from alignjax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
     try:
@@ -405,9 +427,11 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   seq_len = int(np.shape(eval_data[batch_lib.detect(eval_data).first_key])[1])
   rollout = algo.rollout(cfg, policy, seq_len) if algo.rollout is not None else None
   phases = [
-      Phase("sft", "sft", algorithms.loss("sft"), 0, sft_steps, optimizer(cfg.sft, weight_decay=cfg.weight_decay),
+      Phase("sft", "sft", algorithms.loss("sft"), 0, sft_steps, optimizer(
+          cfg.sft, weight_decay=cfg.weight_decay, decay=_decay(algo, pref_loss.hparams, cfg.weight_decay, owned=False)),
             reference_lib.none()[0], lambda: base, lambda b, step: b),
-      Phase(algo.name, "pref", pref_loss, sft_steps, total, optimizer(cfg.dpo, weight_decay=cfg.weight_decay),
+      Phase(algo.name, "pref", pref_loss, sft_steps, total, optimizer(
+          cfg.dpo, weight_decay=cfg.weight_decay, decay=_decay(algo, pref_loss.hparams, cfg.weight_decay, owned=True)),
             pref_ref, None, None),
   ]
   sft, pref = phases
@@ -576,6 +600,8 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     if cfg.lora.enabled:   # the merged weights W + (alpha/r) A B: what load_policy, sampling and to_hf read
       from alignjax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
       final_model = lora_lib.merge_lora(final_model)
+    if algo.export is not None:   # e.g. the policy without an algorithm's own parameters
+      final_model = algo.export(final_model)
     checkpoint_io.save_model(final_model, os.path.join(workdir, FINAL_POLICY),
                              force=True)
     if main:

@@ -110,10 +110,19 @@ class Algorithm:
     token_keys: ``[B, T]`` float32 batch keys the objective reads besides the
       schema's (data-set columns such as critical-token weights); the planner's
       abstract batch includes them.
-    make_model: ``fn(policy, rngs) -> nnx.Module``: the model this algorithm trains,
-      built from the loaded or initialised policy (a Transformer) right after it is
-      made, e.g. a reward model on its decoder; None: the policy itself. The loop,
-      the planner and the saved final model use what it returns.
+    make_model: ``fn(policy, rngs, hparams) -> nnx.Module``: the model this algorithm
+      trains, built from the loaded or initialised policy (a Transformer) right after
+      it is made, e.g. a reward model on its decoder, or the policy with SparsePO's
+      mask network beside it; None: the policy itself. The loop (both phases), the
+      planner and the saved final model use what it returns (see ``export``).
+    export: ``fn(model) -> nnx.Module``: the model the run saves as its final policy
+      (``<workdir>/final_policy``, what sampling and ``init.checkpoint`` read), taken
+      from the trained ``make_model`` model, e.g. the policy Transformer without the
+      algorithm's own parameters; None: the trained model itself.
+    param_decay: ``fn(hparams, path) -> float or None``: the AdamW weight decay of the
+      trained parameter at ``path`` (a tuple of names), for parameters the algorithm
+      owns (e.g. SparsePO's mask network); None: the policy's ``config.weight_decay``.
+      The SFT warm-up does not decay the parameters the algorithm owns.
     study: how the frontier study runs this method (see :mod:`alignjax.study.frontier`):
       ``{"sweep": hparam name swept by the study's list of the same name}``,
       ``{"teachers": ...}``; empty: one run per beta.
@@ -135,6 +144,8 @@ class Algorithm:
   batch_statistics: Optional[Callable] = None
   token_keys: tuple[str, ...] = ()
   make_model: Optional[Callable] = None
+  export: Optional[Callable] = None
+  param_decay: Optional[Callable] = None
   study: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):

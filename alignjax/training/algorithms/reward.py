@@ -83,7 +83,7 @@ def objective(hp, ctx: base.Context, batch) -> base.ObjectiveOutput:
   return base.ObjectiveOutput(losses, jnp.ones_like(losses), metrics)
 
 
-def make_model(policy, rngs):
+def make_model(policy, rngs, hparams=None):  # pylint: disable=unused-argument
   """The reward model trained: ``policy``'s decoder with a fresh scalar head (a RewardModel is kept).
 
   InstructGPT (arXiv:2203.02155, Sec. 3.5): the (SFT) language model with its
