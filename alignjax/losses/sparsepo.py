@@ -22,13 +22,16 @@ The authors' masks (``src/masks/mask_models.py``, default ``mask_model="simple_a
 are learned: for every layer ``l`` of the *reference* model, the hidden states at
 the positions that predict the labels (``h_l[:, :-1]``, embeddings excluded) pass
 a shared LayerNorm, a per-layer ``Linear(d, 1)``, ReLU and dropout; a bias-free
-``Linear(L, 1)`` mixes the layers, then ReLU and dropout (``mask_dropout=0.01``).
-The mask parameters train jointly with the policy (``mask_weight_decay=0.01``).
+``Linear(L, 1)`` mixes the layers, then ReLU and dropout (``mask_dropout=0.01``, which
+their default ``disable_dropout=True`` switches off). The mask parameters train
+jointly with the policy (``mask_weight_decay=0.01`` on their weights).
 "sparse-common" (``rw_kl_independent=False``, the default) uses one mask network
 for both terms and halves both L1 coefficients to compensate for counting it
 twice; "sparse-indp" trains two networks. Here the masks are inputs, so a
 caller may pass any non-negative masks (learned, fixed, or all ones) and scales
-the L1 coefficients itself.
+the L1 coefficients itself; the registry's ``sparsepo`` algorithm
+(:mod:`alignjax.training.algorithms.sparsepo`, ``loss.mask="learned"``) holds the
+mask network and trains it with the policy.
 """
 
 from __future__ import annotations
