@@ -270,3 +270,12 @@ def test_bad_settings_raise_one_line_errors():
       config_lib.build(None, **{"loss.name": "sparsepo", **field})
     assert "\n" not in str(e.value)
   config_lib.build(None, **{"loss.name": "sparsepo", "loss.mask": "activations", "model.scan_layers": True})
+
+
+def test_mask_default_changes_only_sparsepo_identities():
+  """loss.mask's default moved from 'activations' to 'learned': stored runs of other methods still match."""
+  for name, differs in (("dpo", False), ("sparsepo", True)):
+    cfg = config_lib.build(None, **{**TINY_RUN, "loss.name": name})
+    stored = dict(config_lib.identity(cfg), **{"loss.mask": "activations"})
+    diff = config_lib.identity_diff(stored, cfg)
+    assert diff == (["config.loss.mask: stored 'activations', given 'learned'"] if differs else []), diff

@@ -338,9 +338,14 @@ def identity_diff(stored: Mapping[str, Any], cfg: RunConfig) -> list[str]:
   """One line per identity field that differs between ``stored`` and ``cfg``."""
   now = identity(cfg)
   default = flatten(RunConfig())
+  name = now.get("loss.name")
+  same_algorithm = stored.get("loss.name", name) == name
   lines = []
   for k in sorted(set(stored) | set(now)):
     if k in RESUMABLE_FIELDS:
+      continue
+    # A hyper-parameter of other algorithms does not define this run (its default may change).
+    if same_algorithm and k.startswith("loss.") and k != "loss.name" and name not in loss_users(k[len("loss."):]):
       continue
     a, b = stored.get(k, "<absent>"), now.get(k, "<absent>")
     # A field added (or removed) since the run was stored matches when it holds its default.
