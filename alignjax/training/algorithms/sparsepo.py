@@ -251,6 +251,9 @@ def _learned_masks(hp, ctx: base.Context, tokens, attention):
   if not isinstance(model, SparsePOModel):
     raise ValueError("sparsepo: loss.mask='learned' trains the mask network beside the policy; the policy must be "
                      f"a SparsePOModel (sparsepo.make_model), got {type(model).__name__}.")
+  if (hp.kl_mask == "independent") != (model.kl_mask is not None):
+    raise ValueError(f"sparsepo: loss.kl_mask={hp.kl_mask!r} but the SparsePOModel was built with "
+                     f"{'two mask networks' if model.kl_mask is not None else 'one mask network'}.")
   ref = ctx.frozen["reference"]
   layers = [jax.lax.stop_gradient(h[:, :-1]) for h in ref(tokens, attention, all_hidden=True)]
   reward = model.mask(layers)
@@ -259,6 +262,14 @@ def _learned_masks(hp, ctx: base.Context, tokens, attention):
 
 
 def objective(hp, ctx: base.Context, batch) -> base.ObjectiveOutput:
+  """SparsePO per pair (Christopoulou et al. 2024, arXiv:2410.05102, Sec. 3; see the module docstring).
+
+  ``-log sigma(beta ((U_w - U_l) - (K_l - K_w)))`` plus, for learned masks, the
+  L1 terms of both sides (halved for one common mask, as ``SparseTrainer``).
+  Metrics: the preference metrics, ``sparsepo/{,kl_}mask_mean_*`` and
+  ``sparsepo/{,kl_}sparsity_*`` (share of response labels whose mask is 0; ``kl_``
+  for sparse-indp), ``sparsepo/{reward,kl}_mask_l1`` and ``kl/*_masked``.
+  """
   tokens, attention, response = base.pair_inputs(batch)
   h, unembed = base.features(ctx.policy, tokens, attention)
   if hp.mask == "learned":
