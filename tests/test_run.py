@@ -117,27 +117,43 @@ def test_changed_identity_is_refused_with_a_diff(tmp_path):
   assert (wd / "metrics.jsonl").read_text() == stored
 
 
-# Rows 2, 8, 10: SIGKILL, SIGTERM, SIGINT mid-run; re-run with the default budget.
+# Rows 2, 8, 9, 10, 11: SIGKILL, SIGTERM, SIGINT mid-run, a second launcher refused while the run holds the
+# workdir, and the re-run with the default budget through train.sh; every launch from another directory with
+# relative paths, which resolve against the caller's cwd.
 def test_signals_checkpoint_and_resume_with_the_stored_budget(tmp_path):
-  wd = tmp_path / "run"
+  wd = tmp_path / "myrun"
+  where = ("--workdir=myrun", "--config.data.dir=mydata")  # relative to cwd=tmp_path
   long = {"dpo.steps": 100, "log_every": 5, "checkpoint_every": 1000}
   # A crash (SIGKILL) after rows were logged past the last checkpoint (there is none yet).
-  p = start(f"--workdir={wd}", *flags(**long))
+  p = start(*where, *flags(**long), cwd=tmp_path)
   wait_for(lambda: logged_step(wd) >= 10, p)
   p.kill()
   p.wait()
   assert steps_on_disk(wd) == [] and logged_step(wd) >= 10
-  # SIGTERM: finishes the step, writes a checkpoint, exits 143 with no traceback.
-  p = start(f"--workdir={wd}", *flags(**long))
+  p = start(*where, *flags(**long), cwd=tmp_path)
   wait_for(lambda: logged_step(wd) >= 20, p)
+  # Row 9: a second launcher on the workdir is refused naming the holder's PID. The holder is paused
+  # (SIGSTOP) meanwhile, so it cannot finish its budget first; a stopped process keeps its lock.
+  p.send_signal(signal.SIGSTOP)
+  try:
+    second = launch(*where, *flags(), cwd=tmp_path)
+  finally:
+    p.send_signal(signal.SIGCONT)
+  assert second.returncode == 2, second.stderr[-2000:]
+  lines = error_lines(second)
+  assert len(lines) == 1 and f"in use by process {p.pid}" in lines[0], lines
+  # SIGTERM: finishes the step, writes a checkpoint, exits 143 with no traceback.
   p.send_signal(signal.SIGTERM)
   out, err = p.communicate(timeout=120)
   assert p.returncode == 143, err[-2000:]
   assert "Traceback" not in err and "re-run the same command to resume" in out + err
   term_step = steps_on_disk(wd)[-1]
   assert term_step >= 20 and "resumed" not in out
+  # The lock died with its holder: the workdir is usable again.
+  with run_lib.WorkdirLock(str(wd)):
+    pass
   # SIGINT (Ctrl-C): the same, exit 130, no traceback.
-  p = start(f"--workdir={wd}", *flags(**long))
+  p = start(*where, *flags(**long), cwd=tmp_path)
   wait_for(lambda: logged_step(wd) >= term_step + 10, p)
   p.send_signal(signal.SIGINT)
   out, err = p.communicate(timeout=120)
@@ -145,14 +161,23 @@ def test_signals_checkpoint_and_resume_with_the_stored_budget(tmp_path):
   assert "Traceback" not in err and f"resumed from step {term_step} of 100" in out
   int_step = steps_on_disk(wd)[-1]
   assert int_step >= term_step + 10
-  # Re-run with the default budget (dpo.steps not given, default 200): resumes with the stored 100.
-  proc = launch(f"--workdir={wd}", *flags(**{**long, "dpo.steps": None}))
+  # Re-run through train.sh with the default budget (dpo.steps not given, default 200): resumes with the
+  # stored 100.
+  proc = subprocess.run([str(ROOT / "train.sh"), "train", *where, *flags(**{**long, "dpo.steps": None})],
+                        cwd=tmp_path, env=dict(env(), ALIGNJAX_SKIP_BOOTSTRAP="1"), capture_output=True, text=True,
+                        timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f"resumed from step {int_step} of 100" in proc.stdout
+  # The launcher's main job (moved from tests/test_launch.py): progress lines and the closing summary.
+  assert "held-out preference accuracy" in proc.stdout
+  assert "steps/s" in proc.stdout and "tok/s" in proc.stdout and "MFU" in proc.stdout and "ETA" in proc.stdout
   final = json.loads((wd / "final_metrics.json").read_text())
   assert final["steps"] == 100 and final["resumed_from"] == int_step
   # Row 10: exactly one row per logged step after a crash and two resumes.
   assert [r["step"] for r in rows(wd)] == list(range(5, 101, 5))
+  # Row 11: the relative workdir and data dir are the caller's, never the repository's.
+  assert (tmp_path / "mydata").is_dir() and (wd / "checkpoints").is_dir()
+  assert not (ROOT / "myrun").exists() and not (ROOT / "mydata").exists()
 
 
 # Row 3: damaged latest checkpoint -> warning, resume from the newest readable step.
@@ -218,8 +243,9 @@ def test_nan_between_log_steps_stops_before_saving(tmp_path, monkeypatch):
   leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(meta)]
   assert all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f")
   ckpt.close()
-  # With on_nonfinite=skip the update is skipped and counted.
-  result = loop.run(config_lib.replace(cfg, on_nonfinite="skip"), workdir=str(tmp_path / "skip"))
+  # With on_nonfinite=skip the update is skipped and counted (no checkpoint needed but the last).
+  result = loop.run(config_lib.replace(cfg, on_nonfinite="skip", checkpoint_every=100),
+                    workdir=str(tmp_path / "skip"))
   last = rows(tmp_path / "skip")[-1]
   assert result["skipped_updates"] == 1 and last["skipped_updates"] == 1.0
   assert all(math.isfinite(v) for k, v in last.items() if k != "phase")
@@ -260,36 +286,6 @@ def test_invalid_config_exits_2_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
   bad_flag = launch(f"--workdir={tmp_path / 'run'}", "--config.loss.bta=1")
   assert bad_flag.returncode == 2 and len(error_lines(bad_flag)) == 1, bad_flag.stderr
-
-
-# Row 9: two launchers on one workdir -> the second is refused naming the holder's PID.
-def test_second_launcher_is_refused_naming_the_pid(tmp_path):
-  wd = tmp_path / "run"
-  first = start(f"--workdir={wd}", *flags(**{"dpo.steps": 100000, "log_every": 5, "checkpoint_every": 1000}))
-  try:
-    wait_for(lambda: logged_step(wd) >= 5, first)
-    second = launch(f"--workdir={wd}", *flags())
-    assert second.returncode == 2
-    lines = error_lines(second)
-    assert len(lines) == 1 and f"in use by process {first.pid}" in lines[0]
-  finally:
-    first.send_signal(signal.SIGTERM)
-    first.communicate(timeout=120)
-  assert first.returncode == 143
-  # The lock died with its holder: the workdir is usable again.
-  with run_lib.WorkdirLock(str(wd)):
-    pass
-
-
-# Row 11: relative paths resolve against the caller's directory, through train.sh too.
-def test_relative_paths_resolve_against_the_callers_cwd(tmp_path):
-  e = dict(env(), ALIGNJAX_SKIP_BOOTSTRAP="1")
-  proc = subprocess.run([str(ROOT / "train.sh"), "train", "--workdir=myrun", "--config.data.dir=mydata",
-                         *flags(**{"dpo.steps": 2})],
-                        cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert (tmp_path / "myrun" / "final_metrics.json").exists() and (tmp_path / "mydata").is_dir()
-  assert not (ROOT / "myrun").exists() and not (ROOT / "mydata").exists()
 
 
 # Row 12: --help lists the config fields with defaults and the loss names.
