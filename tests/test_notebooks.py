@@ -1,4 +1,14 @@
-"""Executes every notebook in colab/ top to bottom."""
+"""Executes every notebook in colab/ top to bottom, each in a fresh kernel (as on Colab).
+
+The two study notebooks run the test-sized configs that tests/test_study.py and
+tests/test_aligndistil_pipeline.py run and check in full. Here, to check the
+notebooks' own code without paying for those runs twice, a cell added before
+the notebook's first (in memory; the file is not changed) shortens them through
+the config module's ``get_config``: fewer steps and, for the frontier study,
+DPO (with DeRa) as the only method. Batch and sequence shapes stay those of the
+test configs, so the programs those tests compiled come from the persistent
+compilation cache (tests/conftest.py).
+"""
 
 from pathlib import Path
 
@@ -9,6 +19,27 @@ nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
+
+# notebook -> (config module, get_config argument, fields replaced in its config)
+SHORTER = {
+    "frontier_study.ipynb": ("configs.study_test", (), dict(
+        methods=("dpo",), dpo_betas=(), best_of_n=(), args_weights=(), genarm_alphas=(), sft_steps=10, steps=5)),
+    "aligndistil_pipeline.ipynb": ("configs.aligndistil", ("test",), dict(
+        sft_steps=10, dpo_steps=5, distill_steps=5, onpolicy_steps=5)),
+}
+
+_SHORTEN = """\
+# Added by tests/test_notebooks.py: a shorter run of the same config (see its docstring).
+import importlib as _importlib
+_module = _importlib.import_module({module!r})
+_get_config = _module.get_config
+def _shorter_config(*args):
+  cfg = _get_config(*args)
+  if args == {args!r}:
+    cfg.update({fields!r})
+  return cfg
+_module.get_config = _shorter_config
+"""
 
 
 def test_there_are_notebooks():
@@ -22,6 +53,9 @@ CASES = [pytest.param(p, marks=pytest.mark.real) if p.name.startswith("real") el
 @pytest.mark.parametrize("path", CASES, ids=lambda p: p.name)
 def test_notebook_runs(path):
   nb = nbformat.read(path, as_version=4)
+  if path.name in SHORTER:
+    module, args, fields = SHORTER[path.name]
+    nb.cells.insert(0, nbformat.v4.new_code_cell(_SHORTEN.format(module=module, args=args, fields=fields)))
   client = nbclient.NotebookClient(
       nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
   client.execute()
