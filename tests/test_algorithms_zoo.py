@@ -39,6 +39,7 @@ def test_planner_lowers_every_new_method(name):
 def test_default_study_runs_the_new_methods():
   runs = frontier.plan_runs(frontier.build(None))
   methods = {r.method for r in runs}
-  assert {"kto", "simpo", "orpo", "genarm", "sparsepo"} <= methods
-  # Critical tokens needs its weighted data set (alignjax.study.critical_tokens): no study points yet.
-  assert "critical_tokens" not in methods
+  assert {"kto", "simpo", "orpo", "genarm", "sparsepo", "sparsepo_mapo", "critical_tokens",
+          "aligndistil_authors", "reward"} <= methods
+  # Critical tokens trains on the weighted data set the study builds first (alignjax.study.critical_tokens).
+  assert all(r.fields["data.path"] == "data/critical_tokens" for r in runs if r.method == "critical_tokens")

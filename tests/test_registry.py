@@ -189,3 +189,14 @@ def test_unpaired_method_trains_through_the_loop_on_paired_data(registered, tmp_
   assert result["loss"] == "toy_unpaired"
   assert result["eval_before"]["loss"] == pytest.approx(0.5, rel=1e-5)   # policy == reference: sigmoid(0)
   assert math.isfinite(result["eval_after"]["loss"])
+
+
+def test_flops_per_token_counts_what_the_step_runs():
+  """2N per forward: policy fwd+bwd 6N (4N with frozen weights: no weight gradients) + one 2N per frozen forward."""
+  from alignjax.training import algorithms
+  dpo, simpo, ad = algorithms.get("dpo"), algorithms.get("simpo"), algorithms.get("aligndistil")
+  assert dpo.flops_per_token(10) == 80 and dpo.flops_per_token(10, frozen_weights=True) == 60
+  assert dpo.flops_per_token(10, reference_mode="adapter_off") == 80
+  assert dpo.flops_per_token(10, reference_mode="precomputed") == dpo.flops_per_token(10, reference_mode="free") == 60
+  assert simpo.flops_per_token(10) == 60                       # reference-free: nothing frozen
+  assert ad.flops_per_token(10) == (6 + 2 * len(ad.frozen)) * 10  # every teacher runs a forward

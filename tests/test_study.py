@@ -8,6 +8,8 @@ References:
 * DeRa samples against the exact mixture ``softmax(lam*log p_a + (1-lam)*log p_b)``
   (Liu et al. 2024, arXiv:2402.02992, Eq. 9) computed in NumPy;
 * the cluster standard error against its textbook formula;
+* the best-of-n log-ratio estimate against the best-of-n distribution of a
+  score pool enumerated over every n-tuple of draws;
 * the test-sized study against properties that must hold (not tuned numbers).
 """
 
@@ -224,9 +226,11 @@ def test_study_trains_every_run_once_and_writes_outputs(study):
   from alignjax.study import frontier
   cfg, result, calls = study
   specs = frontier.plan_runs(cfg)
-  assert len(calls) == len(specs) + 1 == len(result["trained"])  # + SFT
+  assert len(calls) == len(specs) + 3 == len(result["trained"])  # + SFT, + critical tokens' two contrast models
+  assert sum(s.name.startswith("reverse_dpo") for s in specs) == 1  # shared by both AlignDistil variants
   methods = {r["method"] for r in result["rows"]}
-  assert methods == set(cfg.methods) | {"sft", "dera"}
+  assert methods == set(cfg.methods) | {"sft", "dera", "best_of_n", "args"}
+  assert not [r for r in result["rows"] if r["name"].startswith("genarm_b")]  # the ARM is not a policy point
   lines = open(result["results"]).read().splitlines()
   assert len(lines) == len(result["rows"]) and all(json.loads(l)["kl"] is not None for l in lines)
   table = open(result["table"]).read()
@@ -282,6 +286,53 @@ def test_dera_at_lambda_zero_equals_the_sft_samples(study):
       [r for r in dera if r["lambda"] == 1.0][0]["reward"], dpo_row["reward"])
 
 
+def test_decoding_points(study):
+  cfg, result, _ = study
+  sft = _rows(result, "sft")[0]
+  genarm = {r["alpha"]: r for r in _rows(result, "genarm")}
+  assert sorted(genarm) == sorted(cfg.genarm_alphas)
+  # alpha = 0 is the SFT model itself: the same samples (common random numbers), KL 0.
+  assert genarm[0.0]["reward"] == sft["reward"] and abs(genarm[0.0]["kl"]) < 1e-4
+  bon = sorted(_rows(result, "best_of_n"), key=lambda r: r["n"])
+  assert [r["n"] for r in bon] == sorted(cfg.best_of_n)
+  for r in bon:  # 0 <= KL <= log n - (n-1)/n (Beirami et al. 2024), up to estimator noise
+    assert -3 * r["kl_se"] <= r["kl"] <= r["kl_bound"] + 3 * r["kl_se"], r
+  args = sorted(_rows(result, "args"), key=lambda r: r["w"])
+  assert [r["w"] for r in args] == sorted(cfg.args_weights) and all(r["kl"] > 0 for r in args)
+
+
+def test_every_default_study_run_builds_a_valid_training_config(tmp_path, monkeypatch):
+  """The full default study (every registry method) plans runs the training config accepts."""
+  from alignjax.study import frontier
+  from alignjax.training import algorithms, config
+  from alignjax.training.algorithms import aligndistil
+  # The teachers' runs do not exist here; their vocabulary check reads them.
+  monkeypatch.setattr(aligndistil, "run_vocab", lambda field, workdir, student_vocab=None: student_vocab or 64)
+  cfg = frontier.build(None)
+  specs = frontier.plan_runs(cfg)
+  names = {config.build(None, **frontier.run_config(cfg, s, str(tmp_path))).loss.name for s in specs}
+  studied = {n for n in algorithms.names(preference=True) if algorithms.get(n).study.get("methods", {n: {}})}
+  assert names == studied | {"reward"} and "critical_tokens" in names
+  assert {s.method for s in specs if s.plotted} == {m for m in frontier.METHODS if frontier.methods()[m]["plotted"]}
+
+
+def test_best_of_n_log_ratios_match_enumeration():
+  rng = np.random.default_rng(0)
+  for n in (2, 3):
+    scores = rng.integers(0, 4, size=(3 * 2, n)).astype(float)  # 3 prompts x 2 draws of n, with ties
+    index = rng.integers(0, n, size=6)
+    got = evaluation.best_of_n_log_ratios(scores, index, 3)
+    for row in range(6):
+      pool = scores[row // 2 * 2:row // 2 * 2 + 2].reshape(-1)  # this prompt's K * n scores
+      v = scores[row, index[row]]
+      # P_BoN(score = v) over every n-tuple of pool draws, against P_pool(score = v).
+      picks = [max(pool[list(t)]) for t in itertools.product(range(len(pool)), repeat=n)]
+      p_bon = np.mean(np.asarray(picks) == v)
+      np.testing.assert_allclose(got[row], np.log(p_bon / np.mean(pool == v)), rtol=1e-12)
+  with pytest.raises(ValueError, match="scores"):
+    evaluation.best_of_n_log_ratios(np.zeros((5, 2)), np.zeros(5, int), 2)
+
+
 def test_plot_is_a_readable_png(study):
   import matplotlib.image
   _, result, _ = study
@@ -317,7 +368,9 @@ def test_study_config_errors_are_one_line():
   from alignjax.study import frontier
   for kwargs, match in [(dict(methods=("dpo", "nope")), "methods"), (dict(betas=(0.1, -1.0)), "betas"),
                         (dict(eval_prompts=1), "eval_prompts"), (dict(bogus=1), "unknown field"),
-                        (dict(model_preset="gpt5"), "model_preset"), (dict(dera_beta=0.7), "dera_beta")]:
+                        (dict(model_preset="gpt5"), "model_preset"), (dict(dera_beta=0.7), "dera_beta"),
+                        (dict(best_of_n=(1,)), "best_of_n"), (dict(args_weights=(-1.0,)), "args_weights"),
+                        (dict(methods=("dpo",)), "genarm_alphas")]:
     with pytest.raises(frontier.StudyError, match=match) as e:
       frontier.build(None, **kwargs)
     assert "\n" not in str(e.value)

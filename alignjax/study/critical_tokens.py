@@ -31,7 +31,7 @@ import numpy as np
 
 from alignjax.data import batch as batch_lib
 
-__all__ = ["critical_token_data", "token_weights", "train_contrast_models", "weight_pairs"]
+__all__ = ["critical_token_data", "study_data", "token_weights", "train_contrast_models", "weight_pairs"]
 
 
 def _splits(path: str) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
@@ -123,3 +123,24 @@ def critical_token_data(data_path: str, workdir: str, *, fields: Mapping[str, An
   positive_dir, negative_dir = train_contrast_models(data_path, workdir, fields=fields, train_fn=train_fn)
   return weight_pairs(load_policy(positive_dir), load_policy(negative_dir), data_path,
                       os.path.join(os.path.abspath(workdir), "data", "weighted"), batch_size=batch_size)
+
+
+def study_data(cfg, *, data_path: str, out_path: str, workdir: str, init_checkpoint: str,
+               train_fn: Optional[Callable[..., Any]] = None) -> str:
+  """The frontier study's critical-token data set (``Algorithm.study["data"]`` of ``critical_tokens``).
+
+  The pipeline of :func:`critical_token_data` on the study's preference pairs at
+  ``data_path``: the positive and negative models are SFT runs of ``cfg.steps``
+  steps at ``cfg.learning_rate`` from the study's SFT model ``init_checkpoint``
+  (the authors fine-tune both from the policy's initial model), under
+  ``<workdir>/critical_tokens``; the weighted data set is written to ``out_path``
+  (once), which is returned.
+  """
+  from alignjax.training.checkpoint import load_policy  # pylint: disable=import-outside-toplevel
+  steps = max(int(cfg.steps), 1)
+  fields = {"seed": cfg.seed, "model.preset": cfg.model_preset, "batch_size": cfg.batch_size,
+            "init.checkpoint": init_checkpoint, "sft.steps": steps, "sft.learning_rate": cfg.learning_rate,
+            "sft.warmup_steps": max(1, steps // 10), "log_every": max(1, steps // 3), "checkpoint_every": steps}
+  positive_dir, negative_dir = train_contrast_models(data_path, os.path.join(workdir, "critical_tokens"),
+                                                     fields=fields, train_fn=train_fn)   # finished runs: skipped
+  return weight_pairs(load_policy(positive_dir), load_policy(negative_dir), data_path, out_path)

@@ -24,7 +24,7 @@ prompt ``i`` (:func:`repeat_prompts`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -32,8 +32,8 @@ from alignjax.data import batch as batch_lib
 from alignjax.data.batch import response_batch, sequence_batch  # noqa: F401 (re-exported)
 
 __all__ = [
-    "Estimate", "SampleScores", "cluster_mean", "make_scorer", "repeat_prompts", "response_batch",
-    "sample_and_score", "sequence_batch", "summarize",
+    "Estimate", "SampleScores", "best_of_n_log_ratios", "cluster_mean", "make_scorer", "repeat_prompts",
+    "response_batch", "sample_and_score", "sequence_batch", "summarize",
 ]
 
 
@@ -122,13 +122,14 @@ def sample_and_score(
     model, reference, prompt_tokens, prompt_mask, *,
     num_samples: int, max_new_tokens: int, rng, reward_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
     scorer: Callable[..., np.ndarray], eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
-    temperature: float = 1.0,
+    temperature: float = 1.0, sampler: Optional[Callable[..., tuple]] = None,
 ) -> SampleScores:
   """Samples ``num_samples`` responses per prompt from ``model`` and scores them.
 
   Args:
     model: an ``alignjax.models`` model or a :class:`alignjax.decoding.LogitMixture`
-      (DeRa); sampled with :func:`alignjax.decoding.generate` at ``temperature``.
+      (DeRa, GenARM); sampled with :func:`alignjax.decoding.generate` at ``temperature``.
+      Ignored when ``sampler`` is given.
     reference: the SFT model (``pi_SFT`` of the KL).
     prompt_tokens, prompt_mask: ``[N, T]`` held-out prompts.
     num_samples: ``K`` samples per prompt.
@@ -139,19 +140,63 @@ def sample_and_score(
     scorer: from :func:`make_scorer` (built for the reference's architecture).
     eos_token_ids, pad_token_id: as :func:`alignjax.decoding.generate`.
     temperature: sampling temperature (1: the policy itself, which the KL assumes).
+    sampler: a decoding procedure other than sampling one model (best-of-N, ARGS):
+      ``sampler(tokens [N*K, T], mask, *, max_new_tokens, rng, eos_token_ids,
+      pad_token_id, reference_logps) -> (responses [N*K, L], mask, logps [N*K])`` with
+      ``logps`` the log-probability of each response under the procedure's own
+      distribution (or an estimate of it); ``reference_logps(responses, mask)`` scores
+      responses with the reference.
 
   Returns:
     :class:`SampleScores` (``[N*K]`` rows, prompt-major).
   """
   from alignjax import decoding  # pylint: disable=import-outside-toplevel
   tokens, mask = repeat_prompts(prompt_tokens, prompt_mask, num_samples)
-  out = decoding.generate(model, tokens, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                          eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id, rng=rng)
-  resp, resp_mask = np.asarray(out.tokens), np.asarray(out.mask, bool)
-  logps = np.asarray(out.logprobs, np.float64).sum(axis=1)
-  ref = scorer(reference, tokens, mask, resp, resp_mask)
+  ref_fn = lambda r, m: scorer(reference, tokens, mask, r, m)  # noqa: E731
+  if sampler is None:
+    out = decoding.generate(model, tokens, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                            eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id, rng=rng)
+    resp, resp_mask = np.asarray(out.tokens), np.asarray(out.mask, bool)
+    logps = np.asarray(out.logprobs, np.float64).sum(axis=1)
+  else:
+    resp, resp_mask, logps = sampler(tokens, mask, max_new_tokens=max_new_tokens, rng=rng,
+                                     eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
+                                     reference_logps=ref_fn)
+    resp, resp_mask, logps = np.asarray(resp), np.asarray(resp_mask, bool), np.asarray(logps, np.float64)
+  ref = ref_fn(resp, resp_mask)
   rewards = np.asarray(reward_fn(resp, resp_mask), np.float64)
   return SampleScores(resp, resp_mask, rewards, logps, ref, int(np.asarray(prompt_tokens).shape[0]))
+
+
+def best_of_n_log_ratios(scores, index, num_prompts: int) -> np.ndarray:
+  """Sample estimates of ``log pi_BoN(y) - log pi(y)`` for best-of-n picks, float64 ``[R]``.
+
+  Best-of-n (``n`` draws from ``pi``, keep the highest score) changes the
+  probability of a response only through its score ``s``: with ``F(s) = P_pi(S <= s)``
+  and ``F^-(s) = P_pi(S < s)``, ``pi_BoN(y) / pi(y) = (F(s)^n - F^-(s)^n) / (F(s) - F^-(s))``
+  (ties broken uniformly; ``n F(s)^(n-1)`` without ties), whose mean under
+  ``pi_BoN`` is the KL, at most ``log n - (n-1)/n`` (Beirami et al. 2024,
+  "Theoretical guarantees on the best-of-n alignment policy", arXiv:2401.01879,
+  Thm. 1). ``F`` is not known for sequences; this plugs in each prompt's empirical
+  score distribution over all of its ``n``-sample draws (consistent as the draws grow).
+
+  Args:
+    scores: ``[R, n]`` reward-model scores of the ``n`` samples of each of ``R`` rows,
+      prompt-major (``R = num_prompts * K``: ``K`` best-of-n draws per prompt).
+    index: ``[R]`` the sample kept per row.
+    num_prompts: prompts ``N``; each prompt's ``K * n`` scores form its distribution.
+  """
+  s = np.asarray(scores, np.float64)
+  idx = np.asarray(index)
+  if s.ndim != 2 or idx.shape != (s.shape[0],) or num_prompts < 1 or s.shape[0] % num_prompts:
+    raise ValueError(f"best_of_n_log_ratios: `scores` must be [N*K, n] and `index` [N*K] with N = num_prompts = "
+                     f"{num_prompts}, got shapes {s.shape} and {idx.shape}.")
+  n = s.shape[1]
+  pools = s.reshape(num_prompts, -1)
+  picked = s[np.arange(len(idx)), idx].reshape(num_prompts, -1)
+  le = (pools[:, None, :] <= picked[:, :, None]).mean(axis=-1)
+  lt = (pools[:, None, :] < picked[:, :, None]).mean(axis=-1)
+  return np.log((le ** n - lt ** n) / (le - lt)).reshape(-1)
 
 
 def as_jsonable(x: Any) -> Any:

@@ -29,6 +29,19 @@ laptop CPU and made of the same library calls a pod run makes:
 6. ``dera``: DeRa (Liu et al. 2024, arXiv:2402.02992, Eq. 9) between the SFT and
    the DPO model at ``dera_beta`` over ``dera_lambdas`` -- decoding only,
    evaluated like the trained models.
+7. ``decoding``: alignment at decoding time from the SFT model, each a point of
+   the same plot with the KL measured from its samples: best-of-N over
+   ``best_of_n`` and ARGS (Khanov et al. 2024, arXiv:2402.01694) over
+   ``args_weights`` with a Bradley--Terry reward model trained on the study's
+   pairs (the ``reward`` algorithm; its KL for best-of-N from the reward-model
+   scores, :func:`alignjax.study.evaluation.best_of_n_log_ratios`), and GenARM
+   (Xu et al. 2025, arXiv:2410.08193): the SFT model combined with the
+   autoregressive reward model trained by the ``genarm`` runs (``genarm_beta``)
+   over ``genarm_alphas``.
+
+Methods whose data set is derived from the pairs (critical-token cDPO: positive
+and negative models, token weights; ``Algorithm.study["data"]``) get it built
+before their runs.
 
 Everything is resumable: data sets are written once, a finished run
 (``final_metrics.json`` with the same identity) is skipped, a partial run
@@ -38,6 +51,7 @@ resumes from its checkpoint, and an evaluation already on disk is reused.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import time
@@ -72,7 +86,8 @@ def methods() -> dict[str, dict[str, Any]]:
     study = algorithms.get(name).study
     for method, fixed in study.get("methods", {name: {}}).items():
       out[method] = {"algorithm": name, "fixed": dict(fixed), "sweep": study.get("sweep"),
-                     "teachers": bool(study.get("teachers"))}
+                     "teachers": bool(study.get("teachers")), "data": study.get("data"),
+                     "plotted": study.get("plotted", True)}
   return out
 
 
@@ -115,6 +130,14 @@ class StudyConfig:
   # DeRa.
   dera_lambdas: tuple = _f((0.0, 0.5, 1.0, 1.5, 2.0), "DeRa realignment strengths lambda (0: SFT, 1: DPO)")
   dera_beta: float = _f(0.0, "beta of the DPO model DeRa realigns (0: the largest of betas)")
+  # Decoding-time alignment of the SFT model.
+  best_of_n: tuple = _f((2, 4, 8), "best-of-N sample counts N (each >= 2), scored by a reward model trained on the "
+                        "pairs; empty: none")
+  args_weights: tuple = _f((0.5, 1.0, 2.0), "ARGS reward weights w (each >= 0) with that reward model; empty: none")
+  args_k: int = _f(5, "ARGS candidates per step k (>= 2)")
+  genarm_alphas: tuple = _f((0.5, 1.0, 2.0), "GenARM strengths alpha (each >= 0) of the ARM trained by the 'genarm' "
+                            "runs, combined with the SFT model; empty: none")
+  genarm_beta: float = _f(0.0, "beta of the GenARM run used as the ARM (0: the largest of betas)")
   # Evaluation.
   eval_prompts: int = _f(64, "held-out prompts (>= 2)")
   eval_samples: int = _f(8, "responses sampled per held-out prompt (>= 1)")
@@ -131,6 +154,14 @@ class StudyConfig:
   @property
   def dera_model_beta(self) -> float:
     return self.dera_beta if self.dera_beta > 0 else float(max(self.betas))
+
+  @property
+  def genarm_model_beta(self) -> float:
+    return self.genarm_beta if self.genarm_beta > 0 else float(max(self.betas))
+
+  @property
+  def needs_reward_model(self) -> bool:
+    return bool(self.best_of_n or self.args_weights)
 
 
 # Fields that define the data and the SFT model: a workdir's study must keep them.
@@ -183,6 +214,18 @@ def validate(cfg: StudyConfig) -> None:
     _check(cfg.dera_model_beta in cfg.all_dpo_betas,
            f"study config `dera_beta` ({cfg.dera_beta}) must be one of the DPO betas {list(cfg.all_dpo_betas)} "
            "(or 0: the largest of `betas`).")
+  _check(all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in cfg.best_of_n),
+         f"study config `best_of_n` must be ints >= 2, got {list(cfg.best_of_n)}.")
+  for name in ("args_weights", "genarm_alphas"):
+    values = getattr(cfg, name)
+    _check(all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in values),
+           f"study config `{name}` must be finite numbers >= 0, got {list(values)}.")
+  _check(isinstance(cfg.args_k, int) and cfg.args_k >= 2, f"study config `args_k` must be an int >= 2, got {cfg.args_k!r}.")
+  _check(cfg.genarm_beta >= 0, f"study config `genarm_beta` must be >= 0 (0: the largest of betas), got {cfg.genarm_beta}.")
+  if cfg.genarm_alphas:
+    _check("genarm" in cfg.methods, "study config `genarm_alphas` needs 'genarm' in `methods` (the ARM).")
+    _check(cfg.genarm_model_beta in cfg.betas,
+           f"study config `genarm_beta` ({cfg.genarm_beta}) must be one of `betas` {list(cfg.betas)} (or 0: the largest).")
   for m in cfg.methods:
     if table[m]["teachers"]:
       _check("dpo" in cfg.methods, f"study config: {m!r} needs 'dpo' in `methods` (its DPO teacher).")
@@ -201,7 +244,8 @@ class RunSpec:
 
   Attributes:
     name: the run's directory name under ``<workdir>/runs``.
-    method: a key of :func:`methods` (or ``reverse_dpo``, a contrast teacher).
+    method: a key of :func:`methods` (or ``reverse_dpo``, a contrast teacher, or
+      ``reward``, the reward model of the decoding points).
     beta, alpha: the swept hyper-parameters (alpha: the method's second swept one, if any).
     fields: dotted loop config fields that select the method.
     plotted: whether the run is a point of the frontier.
@@ -223,11 +267,15 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
   """Every training run of the sweep, in training order (teachers before their students)."""
   table = methods()
   runs: list[RunSpec] = []
+  if cfg.needs_reward_model:
+    runs.append(RunSpec("reward", "reward", 0.0, None, {"loss.name": "reward"}, plotted=False))
   ordered = sorted(cfg.methods, key=lambda m: table[m]["teachers"])   # teachers' students last
   for beta in cfg.all_dpo_betas:
     for method in ordered if beta in cfg.betas else ("dpo",):
       m = table[method]
       fields = {"loss.name": m["algorithm"], "loss.beta": float(beta)}
+      if m["data"]:
+        fields["data.path"] = f"data/{method}"
       for k, v in m["fixed"].items():
         fields[f"loss.{k}"] = getattr(cfg, v[1:]) if isinstance(v, str) and v.startswith("@") else v
       if m["sweep"] is not None:
@@ -237,11 +285,13 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
                               dict(fields, **{f"loss.{hparam}": float(value)})))
         continue
       if m["teachers"]:
-        runs.append(RunSpec(f"reverse_dpo_b{beta:g}", "reverse_dpo", float(beta), None,
-                            {"loss.name": "dpo", "loss.beta": float(beta), "data.swap_pairs": True}, plotted=False))
+        teacher = RunSpec(f"reverse_dpo_b{beta:g}", "reverse_dpo", float(beta), None,
+                          {"loss.name": "dpo", "loss.beta": float(beta), "data.swap_pairs": True}, plotted=False)
+        if teacher not in runs:   # one reverse-DPO teacher per beta, shared by every distilled method
+          runs.append(teacher)
         fields.update({"distill.dpo_checkpoint": f"runs/dpo_b{beta:g}",
                        "distill.contrast_checkpoint": f"runs/reverse_dpo_b{beta:g}"})
-      runs.append(RunSpec(f"{method}_b{beta:g}", method, float(beta), None, fields))
+      runs.append(RunSpec(f"{method}_b{beta:g}", method, float(beta), None, fields, plotted=m["plotted"]))
   return runs
 
 
@@ -256,13 +306,60 @@ def run_config(cfg: StudyConfig, spec: RunSpec, workdir: str) -> dict[str, Any]:
       cfg, data_path=os.path.join(workdir, "data", "preferences"),
       init_checkpoint=os.path.join(workdir, "runs", "sft"), steps=cfg.steps, learning_rate=cfg.learning_rate)
   for k, v in spec.fields.items():
-    if k.startswith("distill.") and isinstance(v, str):
+    if (k.startswith("distill.") or k == "data.path") and isinstance(v, str):
       v = os.path.join(workdir, v)
     fields[k] = v
   return fields
 
 
-STAGES = ("data", "sft", "preferences", "runs", "evaluate", "dera")
+STAGES = ("data", "sft", "preferences", "runs", "evaluate", "dera", "decoding")
+
+
+def _decoding_rows(cfg: StudyConfig, workdir: str, p, evaluate, policy, sft_model, held_out) -> list[dict]:
+  """Stage 7: best-of-N and ARGS with the study's reward model, GenARM with its ARM, from the SFT model."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from alignjax import decoding  # pylint: disable=import-outside-toplevel
+  from alignjax.study import evaluation  # pylint: disable=import-outside-toplevel
+  if not (cfg.needs_reward_model or cfg.genarm_alphas):
+    return []
+  p.stage("decoding", f"best-of-N {list(cfg.best_of_n)}, ARGS w {list(cfg.args_weights)} (k={cfg.args_k}), "
+          f"GenARM alpha {list(cfg.genarm_alphas)}")
+  rows = []
+  reward_dir = os.path.join(workdir, "runs", "reward")
+
+  def best_of(n):
+    def sample(tokens, mask, *, max_new_tokens, rng, eos_token_ids, pad_token_id, reference_logps):
+      del reference_logps
+      out = decoding.best_of_n(sft_model, policy("reward"), tokens, mask, n=n, max_new_tokens=max_new_tokens,
+                               temperature=1.0, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, rng=rng)
+      # log pi_BoN(y) = log pi_SFT(y) (the sampler's log-probs at T = 1) + the best-of-n log-ratio estimate.
+      ratios = evaluation.best_of_n_log_ratios(out.scores, out.index, cfg.eval_prompts)
+      return out.tokens, out.mask, np.asarray(out.logprobs, np.float64).sum(axis=1) + ratios
+    return sample
+
+  def args(w):
+    def sample(tokens, mask, *, max_new_tokens, rng, eos_token_ids, pad_token_id, reference_logps):
+      del reference_logps
+      out = decoding.args_generate(sft_model, policy("reward"), tokens, mask, max_new_tokens=max_new_tokens,
+                                   k=cfg.args_k, w=w, temperature=1.0, eos_token_ids=eos_token_ids,
+                                   pad_token_id=pad_token_id, rng=rng)
+      return out.tokens, out.mask, np.asarray(out.logprobs, np.float64).sum(axis=1)
+    return sample
+
+  for n in cfg.best_of_n:
+    base = {"name": f"best_of_{n}", "method": "best_of_n", "setting": f"N={n} (reward model)", "n": n,
+            "kl_bound": math.log(n) - (n - 1) / n, "workdir": reward_dir}
+    rows.append(evaluate(base["name"], lambda n=n: best_of(n), base, sampler=True))
+  for w in cfg.args_weights:
+    base = {"name": f"args_w{w:g}_k{cfg.args_k}", "method": "args", "setting": f"w={w:g}, k={cfg.args_k}",
+            "w": float(w), "workdir": reward_dir}
+    rows.append(evaluate(base["name"], lambda w=w: args(w), base, sampler=True))
+  arm = f"genarm_b{cfg.genarm_model_beta:g}"
+  for a in cfg.genarm_alphas:
+    base = {"name": f"genarm_a{a:g}_{arm}", "method": "genarm", "setting": f"α={a:g} (ARM β={cfg.genarm_model_beta:g})",
+            "alpha": float(a), "beta": cfg.genarm_model_beta, "workdir": os.path.join(workdir, "runs", arm)}
+    rows.append(evaluate(base["name"], lambda a=a: decoding.genarm(sft_model, policy(arm), a), base))
+  return rows
 
 
 # ----------------------------------------------------------------------------- the study
@@ -311,9 +408,9 @@ def run_study(
   start = time.perf_counter()
   trained, skipped, evaluated = [], [], []
 
-  def train(name: str, fields: Mapping[str, Any], i: int, n: int) -> None:
-    run_cfg = config_lib.build(None, **fields)
-    run_dir = os.path.join(workdir, "runs", name)
+  def train_run(run_cfg, run_dir: str, i: int, n: int) -> None:
+    runs_dir = os.path.join(workdir, "runs")
+    name = os.path.relpath(run_dir, runs_dir if run_dir.startswith(runs_dir + os.sep) else workdir)
     if stages.finished(run_cfg, run_dir):
       skipped.append(name)
       p.message(f"run {i} of {n}: {name} -- finished earlier, skipped")
@@ -323,6 +420,9 @@ def run_study(
     train_fn(run_cfg, workdir=run_dir)
     p.run_times.append(time.perf_counter() - t0)
     trained.append(name)
+
+  def train(name: str, fields: Mapping[str, Any], i: int, n: int) -> None:
+    train_run(config_lib.build(None, **fields), os.path.join(workdir, "runs", name), i, n)
 
   # 1. The SFT data set.
   p.stage("data", f"reviews SFT set ({cfg.sft_examples} reviews) as TFDS array_record")
@@ -346,18 +446,29 @@ def run_study(
     stages.write_sampled_preferences(cfg, sft_model, pref_data)
   meta = arrays_tfds.read_metadata(pref_data)
 
-  # 4. The sweep.
-  p.stage("runs", f"{len(runs)} runs: methods {', '.join(cfg.methods)} x beta {list(cfg.betas)}")
+  # 4. The sweep; methods with a derived data set (critical tokens) build it first.
+  table = methods()
+  prepared = [m for m in cfg.methods if table[m]["data"]]
+  p.stage("runs", f"{len(runs)} runs: methods {', '.join(cfg.methods)} x beta {list(cfg.betas)}"
+          + (f"; data sets of {', '.join(prepared)} first" if prepared else ""))
+  for method in prepared:
+    module, _, function = table[method]["data"].partition(":")
+    out_path = os.path.join(workdir, "data", method)
+    getattr(importlib.import_module(module), function)(
+        cfg, data_path=pref_data, out_path=out_path, workdir=workdir, init_checkpoint=sft_dir,
+        train_fn=lambda run_cfg, *, workdir, m=method: train_run(run_cfg, workdir, 1, n_runs))
   for i, spec in enumerate(runs, start=2):
     train(spec.name, run_config(cfg, spec, workdir), i, n_runs)
 
   # 5. The evaluation of every model; 6. DeRa, evaluated the same way.
   held_out = stages.HeldOutEval(cfg, sft_model)
 
-  def evaluate(name: str, model_fn: Callable[[], Any], row: dict) -> dict:
+  def evaluate(name: str, model_fn: Callable[[], Any], row: dict, *, sampler: bool = False) -> dict:
+    """``model_fn()`` returns the model to sample, or with ``sampler`` a sampler (HeldOutEval)."""
     key = {"eval_settings": held_out.settings, "stamp": stages.run_stamp(row.get("workdir"))}
+    run = (lambda: held_out(sampler=model_fn())) if sampler else (lambda: held_out(model_fn()))
     row, computed = stages.cached_row(os.path.join(workdir, "evals", f"{name}.json"), key,
-                                      lambda: dict(row, **held_out(model_fn())))
+                                      lambda: dict(row, **run()))
     if computed:
       evaluated.append(name)
     return row
@@ -388,6 +499,8 @@ def run_study(
       base = {"name": name, "method": "dera", "setting": f"λ={lam:g} (DPO β={b:g})", "beta": b,
               "lambda": float(lam), "workdir": os.path.join(workdir, "runs", dpo_name)}
       rows.append(evaluate(name, lambda l=lam: decoding.dera(policy(dpo_name), sft_model, l), base))
+
+  rows += _decoding_rows(cfg, workdir, p, evaluate, policy, sft_model, held_out)
 
   for r in rows:
     r["sampled_reward_min"] = meta.get("sampled_reward_min")

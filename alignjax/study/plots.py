@@ -15,6 +15,9 @@ from alignjax.study import stages
 
 __all__ = ["markdown_table", "plot_frontier"]
 
+# Decoding-time methods of the study (dashed curves) and their legend labels.
+DECODING = {"best_of_n": "best-of-N (N sweep)", "args": "ARGS (w sweep)", "genarm": "GenARM decoding (α sweep)"}
+
 
 def _curves(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
   curves: dict[str, list[Mapping]] = {}
@@ -56,6 +59,8 @@ def plot_frontier(rows: Sequence[Mapping], path: str, *, title: str = "Reward vs
       continue
     if method == "dera":
       style = dict(fmt="--x", color="0.35", label="DeRa (λ sweep)")
+    elif method in DECODING:   # decoding-time alignment of the SFT model: dashed
+      style = dict(fmt="--" + markers[i % len(markers)], color=colors[i % len(colors)], label=DECODING[method])
     else:
       style = dict(fmt="-" + markers[i % len(markers)], color=colors[i % len(colors)], label=method)
     ax.errorbar(x, y, xerr=xe, yerr=ye, ms=5, lw=1.3, capsize=2, elinewidth=0.8, **style)

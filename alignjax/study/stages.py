@@ -241,12 +241,13 @@ class HeldOutEval:
     self.key = jax.random.key(cfg.seed + 4)
     self.settings = {"eval_prompts": cfg.eval_prompts, "eval_samples": cfg.eval_samples, "seed": cfg.seed}
 
-  def __call__(self, model) -> dict[str, float]:
+  def __call__(self, model=None, *, sampler=None) -> dict[str, float]:
+    """Samples ``model`` (or runs ``sampler``, see :func:`alignjax.study.evaluation.sample_and_score`)."""
     from alignjax.data.synthetic import EOS, PAD  # pylint: disable=import-outside-toplevel
     scores = evaluation.sample_and_score(
         model, self.sft_model, self.prompts, self.mask, num_samples=self.num_samples,
         max_new_tokens=self.task.max_len + 1, rng=self.key, reward_fn=self.task.gold_reward, scorer=self.scorer,
-        eos_token_ids=(EOS,), pad_token_id=PAD)
+        eos_token_ids=(EOS,), pad_token_id=PAD, sampler=sampler)
     return evaluation.summarize(scores)
 
 

@@ -180,4 +180,7 @@ base.register(base.Algorithm(
     "aligndistil", AlignDistilHParams, objective, needs="teachers", frozen=TEACHERS,
     description="AlignDistil (Zhang et al. 2025): distillation from DPO and reverse-DPO teachers (distill.*)",
     load_frozen=load_frozen, configure=lambda cfg: {"on_policy": cfg.distill.on_policy},
-    validate_run=validate_run, rollout=rollout, study={"teachers": True, "methods": {"aligndistil": {"beta2": "@aligndistil_beta2"}}}))
+    validate_run=validate_run, rollout=rollout,
+    study={"teachers": True, "methods": {"aligndistil": {"beta2": "@aligndistil_beta2"},
+                                         "aligndistil_authors": {"beta2": "@aligndistil_beta2",
+                                                                 "positions": "authors"}}}))

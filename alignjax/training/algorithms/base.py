@@ -124,8 +124,11 @@ class Algorithm:
       owns (e.g. SparsePO's mask network); None: the policy's ``config.weight_decay``.
       The SFT warm-up does not decay the parameters the algorithm owns.
     study: how the frontier study runs this method (see :mod:`alignjax.study.frontier`):
-      ``{"sweep": hparam name swept by the study's list of the same name}``,
-      ``{"teachers": ...}``; empty: one run per beta.
+      ``{"methods": {study method: fixed hparams}}``, ``{"sweep": (hparam, study
+      field)}``, ``{"teachers": True}`` (distilled from the study's DPO and
+      reverse-DPO runs), ``{"data": "module:function"}`` (the study builds the
+      method's data set with that function first), ``{"plotted": False}`` (trained
+      but not a point of the plot); empty: one run per beta.
   """
   name: str
   hparams: type
@@ -185,9 +188,17 @@ class Algorithm:
     """Tokens the policy processes per example of ``seq_len`` positions."""
     return self.rows_per_example() * seq_len
 
-  def flops_per_token(self, n_params: int) -> float:
-    """Training FLOPs per policy token: fwd+bwd (6N) plus a forward (2N) per frozen model run online."""
-    return (6.0 + 2.0 * len(self.frozen)) * n_params
+  def flops_per_token(self, n_params: int, *, frozen_weights: bool = False, reference_mode: str = "online") -> float:
+    """Training FLOPs per policy token (Kaplan et al. 2020, arXiv:2001.08361, Sec. 2.1: 2N per forward).
+
+    The policy's forward and backward, ``6N`` (``4N`` with ``frozen_weights``, e.g.
+    LoRA: the weight-gradient matmuls of the frozen base are not computed; the
+    adapters' FLOPs are neglected), plus a forward ``2N`` per frozen model run in
+    the step: each of ``frozen`` when ``reference_mode`` is online, one (the
+    adapter-off policy) for adapter_off, none for a precomputed or absent reference.
+    """
+    forwards = {"online": len(self.frozen), "adapter_off": 1}.get(reference_mode, 0)
+    return ((4.0 if frozen_weights else 6.0) + 2.0 * forwards) * n_params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,6 +79,5 @@ base.register(base.Algorithm(
     "critical_tokens", CriticalTokensHParams, objective, needs="reference_logits", token_keys=("rejected_weights",),
     description="critical-token cDPO (Lin et al. 2024): token-weighted DPO; weights in the data set "
                 "(alignjax.study.critical_tokens), online reference",
-    # The frontier study has no stage that trains the positive/negative models
-    # yet: alignjax.study.critical_tokens.weight_pairs is the pipeline.
-    study={"methods": {}}))
+    # The study trains the positive/negative models on its pairs and weighs them first.
+    study={"data": "alignjax.study.critical_tokens:study_data"}))

@@ -7,8 +7,8 @@ with summed response log-probs and no reference
 (:func:`alignjax.losses.genarm_loss`). The trained policy is the ARM
 ``pi_r``; at decoding time it guides a base model through the sampler's model
 combination, ``softmax((log pi_base + alpha log pi_r) / T)``
-(:mod:`alignjax.decoding`). Evaluated alone (the frontier study) it is a policy
-trained with a reference-free DPO-like loss.
+(:mod:`alignjax.decoding`); the frontier study trains it on its pairs and
+plots that combination with its SFT model over ``genarm_alphas``.
 """
 
 from __future__ import annotations
@@ -42,4 +42,6 @@ def objective(hp, ctx: base.Context, batch) -> base.ObjectiveOutput:
 base.register(base.Algorithm(
     "genarm", GenARMHParams, objective, needs="none",
     description="GenARM autoregressive reward model (Xu et al. 2025): reference-free pairwise loss on summed "
-                "log-probs"))
+                "log-probs",
+    # The study samples base + alpha * ARM (decoding.genarm), not the ARM alone.
+    study={"plotted": False}))

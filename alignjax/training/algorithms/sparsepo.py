@@ -315,4 +315,5 @@ base.register(base.Algorithm(
     "sparsepo", SparsePOHParams, objective, needs="reference_logits", make_model=make_model, export=export,
     param_decay=param_decay, validate_run=validate_run,
     description="SparsePO (Christopoulou et al. 2024): the authors' learned mask network (default) or fixed "
-                "activation masks (MaPO), online reference"))
+                "activation masks (MaPO), online reference",
+    study={"methods": {"sparsepo": {}, "sparsepo_mapo": {"mask": "activations"}}}))
