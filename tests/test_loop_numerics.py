@@ -166,6 +166,19 @@ def test_lora_with_adapter_off_reference_trains_adapters_only(tmp_path):
   assert not lora.has_lora(final)
 
 
+def test_lora_adapter_off_reference_gives_full_distributions_to_tdpo2(tmp_path):
+  """TDPO2 needs the reference's full next-token distributions: adapter_off provides them (policy == reference
+  before training: every sequence KL is 0 and the loss is exactly log 2)."""
+  fields = {**FAST, "sft.steps": 0, "dpo.steps": 3, "lora.rank": 4, "lora.alpha": 8.0, "loss.name": "tdpo2",
+            "lora.targets": r"layers/\d+/attn/(q|v)", "reference.mode": "adapter_off", "dpo.learning_rate": 1e-2}
+  result = loop.run(config_lib.build(None, **fields), workdir=str(tmp_path / "tdpo2"), handle_signals=False)
+  assert result["eval_before"]["loss"] == pytest.approx(np.log(2.0), rel=1e-6)
+  assert result["eval_after"]["loss"] < result["eval_before"]["loss"]
+  with pytest.raises(config_lib.ConfigError, match="adapter_off") as e:
+    config_lib.build(None, **{**fields, "loss.name": "simpo"})
+  assert "\n" not in str(e.value)
+
+
 def test_lora_targets_matching_nothing_is_one_line():
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.build(None, **{**FAST, "lora.rank": 4, "lora.targets": "layers/.*/attn/nope"})

@@ -55,6 +55,11 @@ class RealConfig:
     max_prompt_len: chat prompts keep whole turns up to this many tokens; longer pairs are left out.
     max_pairs: pairs used (0 = every pair that fits), the last tenth held out.
     batch_size, steps, learning_rate: each run's preference phase.
+    lora_rank, lora_alpha: LoRA adapters on every linear layer of each run (Hu et al. 2021,
+      arXiv:2106.09685; :mod:`alignjax.models.lora`), the reference being the same
+      weights with the adapters off (``reference.mode=adapter_off``; AlignDistil's
+      frozen models are its teachers); ``lora_rank=0``
+      fine-tunes every weight with an online frozen reference.
     beta: DPO/TDPO2/AlignDistil beta; tdpo2_alpha; aligndistil_beta2 (authors: 10 off-policy).
     methods: a subset of ("dpo", "tdpo2", "aligndistil").
     eval_samples: samples per held-out prompt for the KL; eval_prompts: held-out prompts sampled.
@@ -68,7 +73,9 @@ class RealConfig:
   max_pairs: int = 0
   batch_size: int = 2
   steps: int = 30
-  learning_rate: float = 5e-6
+  learning_rate: float = 5e-5
+  lora_rank: int = 16
+  lora_alpha: float = 32.0
   beta: float = 0.1
   tdpo2_alpha: float = 0.5
   aligndistil_beta2: float = 10.0
@@ -104,6 +111,8 @@ def build(config: Any = None, **overrides: Any) -> RealConfig:
   bad = [m for m in cfg.methods if m not in METHODS]
   if bad or not cfg.methods:
     raise ConfigError(f"alignjax.study.real: `methods` must be a non-empty subset of {METHODS}, got {cfg.methods}.")
+  if not isinstance(cfg.lora_rank, int) or cfg.lora_rank < 0:
+    raise ConfigError(f"alignjax.study.real: `lora_rank` must be an int >= 0 (0: full fine-tuning), got {cfg.lora_rank!r}.")
   if not cfg.learning_rate > 0 or not cfg.beta > 0:
     raise ConfigError("alignjax.study.real: `learning_rate` and `beta` must be > 0.")
   return cfg
@@ -143,6 +152,10 @@ def run_fields(cfg: RealConfig, *, model_dir: str, data_path: str, workdir: str,
       "dpo.learning_rate": cfg.learning_rate, "dpo.warmup_steps": max(1, cfg.steps // 10),
       "log_every": max(1, cfg.steps // 4), "checkpoint_every": cfg.steps, "loss.beta": cfg.beta,
   }
+  if cfg.lora_rank:
+    fields.update({"lora.rank": cfg.lora_rank, "lora.alpha": cfg.lora_alpha})
+    if method != "aligndistil":   # AlignDistil's frozen models are its teachers, not the base
+      fields["reference.mode"] = "adapter_off"
   if method in ("dpo", "rdpo"):
     return dict(fields, **{"loss.name": "dpo", "data.swap_pairs": method == "rdpo"})
   if method == "tdpo2":

@@ -525,7 +525,11 @@ def _validate_pod_fields(cfg: RunConfig, algo) -> None:
          f"config.mesh.data * config.mesh.fsdp ({shards}): each micro-batch is split over those axes.")
   _check(ref.mode in REFERENCE_MODES,
          f"config.reference.mode must be one of {', '.join(REFERENCE_MODES)}, got {ref.mode!r}.")
-  if ref.mode != "online":
+  if ref.mode == "adapter_off":   # the same weights with the adapters off: log-probs or full distributions
+    _check(algo.needs in ("reference_logps", "reference_logits"),
+           f"config.reference.mode='adapter_off' needs an algorithm with a reference model; {algo.name!r} needs "
+           f"{algo.needs!r} (use reference.mode=online).")
+  elif ref.mode != "online":
     _check(algo.needs == "reference_logps",
            f"config.reference.mode={ref.mode!r} needs an algorithm that uses only reference log-probs; "
            f"{algo.name!r} needs {algo.needs!r} (online only).")

@@ -544,7 +544,9 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
       objects[phase.key], metrics = step_fns[phase.key](objects[phase.key], batch, phase.frozen())
       sides = batch_lib.detect(host_batch).present_sides(host_batch)
       tokens = float(sum(np.sum(host_batch[f"{s}_attention"]) for s in sides))
-      flops = phase.loss.algorithm.flops_per_token(n_params) * sum(np.size(host_batch[f"{s}_tokens"]) for s in sides)
+      flops = phase.loss.algorithm.flops_per_token(
+          n_params, frozen_weights=cfg.lora.enabled, reference_mode=phase.reference.mode,
+      ) * sum(np.size(host_batch[f"{s}_tokens"]) for s in sides)
       loss, finite = (float(x) for x in jax.device_get((metrics["loss"], metrics["finite"])))
       done = step + 1
       progress.step(done, tokens=tokens, flops=flops)
