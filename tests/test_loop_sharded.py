@@ -25,7 +25,7 @@ BASE = {
     "data.train_examples": 128, "data.eval_examples": 32, "model.hidden_size": 32,
     "model.intermediate_size": 64, "model.head_dim": 8, "model.num_heads": 4, "model.num_kv_heads": 2,
     "sft.steps": 4, "dpo.steps": 8, "batch_size": 8, "eval_batch_size": 16,
-    "log_every": 4, "checkpoint_every": 4,
+    "log_every": 4, "checkpoint_every": 100,  # checkpoints: the final one and the one written on preemption
 }
 
 
