@@ -15,10 +15,15 @@ same batch shape, AdamW, global-norm clipping 1.0 and an online frozen reference
   word-level tokenizer; step time from a ``TrainerCallback``.
 
 Printed: tokens/s (policy tokens, chosen+rejected, per second), ratios to the torch
-loop, peak RSS (absolute and above the post-import baseline), and
+loop, process CPU seconds per step (all threads; on a machine shared with other work it
+moves less than the wall time, which includes waiting for a core), peak RSS (absolute
+and above the post-import baseline), and
 MFU = 8 * N * tokens / time / peak, N = non-embedding parameters (6N for the policy's
 forward+backward + 2N for the reference forward), peak = the measured fp32 matmul
-throughput of this machine (max over JAX and torch, square matmuls).
+throughput of this machine (max over JAX and torch, square matmuls), measured before
+and again after the contenders (the larger is used: a single measurement taken while
+the machine is busy understates it). Each contender's row is printed as soon as it
+finishes, so an interrupted run keeps the rows it has.
 """
 
 from __future__ import annotations
@@ -68,9 +73,10 @@ def _rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _report(name, times, tokens_per_step, baseline_mb, **extra):
+def _report(name, times, tokens_per_step, baseline_mb, cpu_times=(), **extra):
   med = statistics.median(times)
-  out = dict(name=name, step_s=med, tokens_per_s=tokens_per_step / med,
+  cpu = statistics.median(cpu_times) if cpu_times else float("nan")
+  out = dict(name=name, step_s=med, tokens_per_s=tokens_per_step / med, cpu_s=cpu,
              peak_rss_mb=_rss_mb(), peak_rss_above_baseline_mb=_rss_mb() - baseline_mb, **extra)
   print("RESULT " + json.dumps(out), flush=True)
 
@@ -115,14 +121,15 @@ def run_alignjax():
            "rejected_tokens": jnp.asarray(np.concatenate([p, r], 1)),
            "chosen_attention": jnp.ones((pairs, T), bool), "rejected_attention": jnp.ones((pairs, T), bool),
            "chosen_response": jnp.asarray(resp), "rejected_response": jnp.asarray(resp)}
-  times = []
+  times, cpu = [], []
   for i in range(_WARMUP.value + _STEPS.value):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     state, metrics = step(state, batch, frozen)
     jax.block_until_ready(metrics["loss"])
     if i >= _WARMUP.value:
       times.append(time.perf_counter() - t)
-  _report("alignjax", times, 2 * pairs * T, baseline, loss=float(metrics["loss"]),
+      cpu.append(time.process_time() - c)
+  _report("alignjax", times, 2 * pairs * T, baseline, cpu, loss=float(metrics["loss"]),
           backend=jax.default_backend(), devices=len(jax.devices()))
 
 
@@ -165,9 +172,9 @@ def run_torch():
     lp = torch.gather(F.log_softmax(logits[:, :-1].float(), dim=-1), 2, labels[..., None])[..., 0]
     return (lp * lmask).sum(-1)
 
-  times = []
+  times, cpu = [], []
   for i in range(_WARMUP.value + _STEPS.value):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     with torch.no_grad():
       ref_lp = seq_logps(ref_model(input_ids=tokens).logits)
     lp = seq_logps(policy(input_ids=tokens).logits)
@@ -179,7 +186,8 @@ def run_torch():
     opt.zero_grad(set_to_none=True)
     if i >= _WARMUP.value:
       times.append(time.perf_counter() - t)
-  _report("torch", times, tokens.numel(), baseline, loss=loss.item(), threads=torch.get_num_threads())
+      cpu.append(time.process_time() - c)
+  _report("torch", times, tokens.numel(), baseline, cpu, loss=loss.item(), threads=torch.get_num_threads())
 
 
 def trl_inputs(cfg, pairs, prompt, response, n_steps):
@@ -211,14 +219,17 @@ def trl_train(policy, ref_model, rows, hf_tok, *, pairs, n_steps, warmup, peft_c
   import transformers
   import trl
   times, starts = [], {}
+  cpu_times = getattr(trl_train, "cpu_times", None)
 
   class Timer(transformers.TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
-      starts["t"] = time.perf_counter()
+      starts["t"], starts["c"] = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kw):
       if state.global_step > warmup:
         times.append(time.perf_counter() - starts["t"])
+        if cpu_times is not None:
+          cpu_times.append(time.process_time() - starts["c"])
 
   with tempfile.TemporaryDirectory() as out:
     args = trl.DPOConfig(
@@ -245,10 +256,11 @@ def run_trl():
   policy = transformers.LlamaForCausalLM(_hf_config(cfg))
   torch.manual_seed(1)
   ref_model = transformers.LlamaForCausalLM(_hf_config(cfg))
+  trl_train.cpu_times = cpu = []
   times, trainer = trl_train(policy, ref_model, rows, hf_tok, pairs=pairs, n_steps=n_steps, warmup=_WARMUP.value)
   sample = trainer.train_dataset[0]
   seq_len = len(sample["prompt_ids"] if "prompt_ids" in sample else sample["prompt_input_ids"])
-  _report("trl", times, 2 * pairs * (prompt + response), baseline, prompt_tokens_seen=seq_len,
+  _report("trl", times, 2 * pairs * (prompt + response), baseline, cpu, prompt_tokens_seen=seq_len,
           gradient_checkpointing=bool(trainer.args.gradient_checkpointing))
 
 
@@ -306,26 +318,39 @@ def main(argv):
   pairs, prompt, response = _shape()
   n_nonembed = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
   peak = _child("peak")
-  results = {w: _child(w) for w in ("alignjax", "torch", "trl")}
   print(f"DPO step, {pairs} pairs x ({prompt}+{response}) tokens, fp32, online reference; "
         f"N(non-embedding)={n_nonembed / 1e6:.1f}M, vocab={cfg.vocab_size}, cores={os.cpu_count()}")
   if peak:
-    print(f"measured fp32 matmul peak: {peak['peak_flops'] / 1e9:.1f} GFLOP/s "
-          f"(jax {peak['jax_flops'] / 1e9:.1f}, torch {peak['torch_flops'] / 1e9:.1f})")
-  base = results.get("torch")
-  trl_res = results.get("trl")
-  print(f"{'':10s} {'step s':>8s} {'tokens/s':>10s} {'vs torch':>9s} {'MFU':>6s} {'peak RSS MB':>12s} "
-        f"{'above base':>11s} {'mem vs TRL':>10s}")
-  for name, res in results.items():
+    print(f"measured fp32 matmul peak before the contenders: {peak['peak_flops'] / 1e9:.1f} GFLOP/s "
+          f"(jax {peak['jax_flops'] / 1e9:.1f}, torch {peak['torch_flops'] / 1e9:.1f})", flush=True)
+  header = (f"{'':10s} {'step s':>8s} {'cpu s':>7s} {'tokens/s':>10s} {'vs torch':>9s} {'MFU':>6s} "
+            f"{'peak RSS MB':>12s} {'above base':>11s} {'mem vs TRL':>10s}")
+
+  def row(name, res, base, trl_res, peak_flops):
     if res is None:
-      print(f"{name:10s} failed")
-      continue
-    mfu = 8 * n_nonembed * res["tokens_per_s"] / peak["peak_flops"] if peak else float("nan")
+      return f"{name:10s} failed"
+    mfu = 8 * n_nonembed * res["tokens_per_s"] / peak_flops if peak_flops else float("nan")
     ratio = res["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
     mem = res["peak_rss_mb"] / trl_res["peak_rss_mb"] if trl_res else float("nan")
-    print(f"{name:10s} {res['step_s']:8.3f} {res['tokens_per_s']:10.1f} {ratio:9.2f} {mfu:6.1%} "
-          f"{res['peak_rss_mb']:12.0f} {res['peak_rss_above_baseline_mb']:11.0f} {mem:10.2f}")
+    return (f"{name:10s} {res['step_s']:8.3f} {res.get('cpu_s', float('nan')):7.2f} {res['tokens_per_s']:10.1f} "
+            f"{ratio:9.2f} {mfu:6.1%} {res['peak_rss_mb']:12.0f} {res['peak_rss_above_baseline_mb']:11.0f} "
+            f"{mem:10.2f}")
 
+  results = {}
+  print("as each contender finishes (MFU against the peak before):\n" + header, flush=True)
+  for w in ("alignjax", "torch", "trl"):
+    results[w] = _child(w)
+    print(row(w, results[w], None, None, peak["peak_flops"] if peak else None), flush=True)
+  after = _child("peak")
+  flops = [p["peak_flops"] for p in (peak, after) if p]
+  peak_flops = max(flops) if flops else None
+  if after:
+    print(f"measured fp32 matmul peak after the contenders: {after['peak_flops'] / 1e9:.1f} GFLOP/s "
+          f"(jax {after['jax_flops'] / 1e9:.1f}, torch {after['torch_flops'] / 1e9:.1f}); "
+          f"peak used: {peak_flops / 1e9:.1f}")
+  print(header)
+  for name, res in results.items():
+    print(row(name, res, results.get("torch"), results.get("trl"), peak_flops))
 
 if __name__ == "__main__":
   app.run(main)
