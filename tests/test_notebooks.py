@@ -1,13 +1,14 @@
 """Executes every notebook in colab/ top to bottom, each in a fresh kernel (as on Colab).
 
-The two study notebooks run the test-sized configs that tests/test_study.py and
-tests/test_aligndistil_pipeline.py run and check in full. Here, to check the
-notebooks' own code without paying for those runs twice, a cell added before
-the notebook's first (in memory; the file is not changed) shortens them through
-the config module's ``get_config``: fewer steps and, for the frontier study,
-DPO (with DeRa) as the only method. Batch and sequence shapes stay those of the
-test configs, so the programs those tests compiled come from the persistent
-compilation cache (tests/conftest.py).
+The frontier-study notebook runs the test-sized study of configs/study_test.py,
+which tests/test_study.py runs and checks in full. Here, to check the notebook's
+own code without paying for that study twice, a cell added before the notebook's
+first (in memory; the file is not changed) shortens it through the config
+module's ``get_config``: DPO (with DeRa) as the only method, fewer steps. Batch
+and sequence shapes stay those of the test config, so the programs
+tests/test_study.py compiled come from the persistent compilation cache
+(tests/conftest.py). (The AlignDistil notebook runs as is: its cost is fixed
+costs, not steps.)
 """
 
 from pathlib import Path
@@ -24,8 +25,6 @@ NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 SHORTER = {
     "frontier_study.ipynb": ("configs.study_test", (), dict(
         methods=("dpo",), dpo_betas=(), best_of_n=(), args_weights=(), genarm_alphas=(), sft_steps=10, steps=5)),
-    "aligndistil_pipeline.ipynb": ("configs.aligndistil", ("test",), dict(
-        sft_steps=10, dpo_steps=5, distill_steps=5, onpolicy_steps=5)),
 }
 
 _SHORTEN = """\
