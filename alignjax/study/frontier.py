@@ -133,8 +133,9 @@ class StudyConfig:
   # Decoding-time alignment of the SFT model.
   best_of_n: tuple = _f((2, 4, 8), "best-of-N sample counts N (each >= 2), scored by a reward model trained on the "
                         "pairs; empty: none")
-  args_weights: tuple = _f((0.5, 1.0, 2.0), "ARGS reward weights w (each >= 0) with that reward model; empty: none")
-  args_k: int = _f(5, "ARGS candidates per step k (>= 2)")
+  args_weights: tuple = _f((2.0, 8.0, 32.0), "ARGS reward weights w (each >= 0) with that reward model; empty: none")
+  args_k: int = _f(40, "ARGS candidates per step k (>= 2; the SFT model's next-token distribution over the 44-token "
+                   "language is nearly flat: its top 5 or 10 hold no sentiment word at all)")
   genarm_alphas: tuple = _f((0.5, 1.0, 2.0), "GenARM strengths alpha (each >= 0) of the ARM trained by the 'genarm' "
                             "runs, combined with the SFT model; empty: none")
   genarm_beta: float = _f(0.0, "beta of the GenARM run used as the ARM (0: the largest of betas)")
