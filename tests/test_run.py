@@ -9,7 +9,6 @@ resumed, what is on disk.
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -229,7 +228,6 @@ def _inject_nan(monkeypatch, at_step):
 
 # Row 4: NaN between log steps (checkpoint_every < log_every) -> stop, nothing non-finite saved.
 def test_nan_between_log_steps_stops_before_saving(tmp_path, monkeypatch):
-  from flax import nnx
   from alignjax.training.checkpoint import Checkpointer
   wd = tmp_path / "run"
   _inject_nan(monkeypatch, at_step=6)  # the 7th step, between logs at 5 and 10
