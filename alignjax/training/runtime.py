@@ -149,6 +149,25 @@ class NullWriter:
     pass
 
 
+def _summary_writer_class():
+  """tensorboardX's ``SummaryWriter`` without importing torch (about 4 s) when torch is not loaded yet.
+
+  tensorboardX imports torch when it is installed (for graph export, unused
+  here); torch is hidden during that import unless the process already has it.
+  """
+  import sys  # pylint: disable=import-outside-toplevel
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    return SummaryWriter
+  sys.modules["torch"] = None   # `import torch` raises ImportError while tensorboardX loads
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    if sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsWriter(NullWriter):
   """``<workdir>/metrics.jsonl`` + TensorBoard events under ``<workdir>/tensorboard``.
 
@@ -182,7 +201,7 @@ class MetricsWriter(NullWriter):
       os.replace(tmp, self.path)
     self._file = open(self.path, "a")
     if self._tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      SummaryWriter = _summary_writer_class()  # pylint: disable=invalid-name
       self._tb = SummaryWriter(
           os.path.join(self.workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
