@@ -35,3 +35,17 @@ def test_known_accelerator_uses_its_published_dense_peak(monkeypatch):
   assert float(run_lib.peak_flops("float32")) == 2 * 67e12 and float(run_lib.peak_flops("float64")) == 2 * 67e12
   fake.device_kind = "TPU v5 lite"
   assert float(run_lib.peak_flops("bfloat16")) == 2 * 197e12  # Cloud TPU v5e docs, not v5p's 459
+
+
+def test_a_step_faster_than_the_measured_peak_measures_it_again(monkeypatch):
+  """A peak measured on a busy machine (here: a tiny fake one) is measured again, and only ever raised."""
+  low = run_lib.PeakFlops(1e3, "measured float32")
+  monkeypatch.setitem(run_lib._measured, (jax.local_devices()[0].device_kind, "float32"), low)
+  progress = run_lib.Progress(4, stream=io.StringIO(), interactive=False)
+  progress.set_peak_flops(low)
+  progress.step(1, tokens=10, flops=1e6)
+  import time
+  time.sleep(0.01)  # at most 1e8 FLOP/s: above the fake peak, far below any real one
+  stats = progress.stats(1)
+  assert float(progress._peak) > 1e8 and stats["mfu"] < 1  # pylint: disable=protected-access
+  assert run_lib.peak_flops("float32") is progress._peak  # pylint: disable=protected-access
