@@ -32,7 +32,8 @@ def test_recipe_runs_end_to_end_at_test_size_and_resumes(tmp_path):
   rows = {r["model"]: r for r in result["rows"]}
   assert list(rows) == ["base", "dpo", "tdpo2", "aligndistil"]
   held_out = result["data"]["held_out"]
-  assert held_out >= 1 and result["data"]["pairs"] == cfg.max_pairs
+  assert held_out >= 1 and result["data"]["pairs"] == cfg.max_pairs >= result["data"]["usable"]
+  assert held_out == max(1, result["data"]["usable"] // 10)  # the loop's split: the last tenth of the usable pairs
   for name, r in rows.items():
     assert r["held_out"] == held_out and 0.0 <= r["accuracy"] <= 1.0
     assert np.isfinite(r["kl"]) and np.isfinite(r["margin"]) and 1 <= r["mean_length"] <= cfg.max_new_tokens

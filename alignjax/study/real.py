@@ -293,7 +293,7 @@ def run_real(cfg: RealConfig, *, workdir: str, train_fn: Optional[Callable[..., 
   data_path = os.path.join(workdir, "data", "pairs.jsonl")
   os.makedirs(os.path.dirname(data_path), exist_ok=True)
   data = write_pairs(cfg, assets.dpo_path, tokenizer, data_path)
-  log(f"data: {data['pairs']} of {data['rows']} pairs fit ({data['held_out']} held out)")
+  log(f"data: {data['pairs']} of {data['rows']} pairs fit max_prompt_len={cfg.max_prompt_len}")
 
   runs = [m for m in ("dpo", "rdpo", "tdpo2", "aligndistil")
           if m in cfg.methods or (m in ("dpo", "rdpo") and "aligndistil" in cfg.methods)]
@@ -313,6 +313,9 @@ def run_real(cfg: RealConfig, *, workdir: str, train_fn: Optional[Callable[..., 
       data_dir=os.path.join(workdir, "runs", runs[0], "data"))
   base = from_hf(assets.model_dir)
   ev = RealEval(cfg, base, source, tokenizer)
+  if len(source) != data["pairs"]:   # the loader dropped pairs with nothing left to score at seq_len
+    log(f"data: {len(source)} of the {data['pairs']} pairs are usable at seq_len={cfg.seq_len}")
+  data.update(usable=len(source), held_out=len(ev.prompts))   # the loop's held-out split: the last tenth
   settings = dict(dataclasses.asdict(cfg), methods=list(cfg.methods))
   rows = []
   for name in ("base",) + tuple(m for m in runs if m in cfg.methods):
