@@ -142,17 +142,15 @@ def sample_and_score(
     temperature: sampling temperature (1: the policy itself, which the KL assumes).
     sampler: a decoding procedure other than sampling one model (best-of-N, ARGS):
       ``sampler(tokens [N*K, T], mask, *, max_new_tokens, rng, eos_token_ids,
-      pad_token_id, reference_logps) -> (responses [N*K, L], mask, logps [N*K])`` with
-      ``logps`` the log-probability of each response under the procedure's own
-      distribution (or an estimate of it); ``reference_logps(responses, mask)`` scores
-      responses with the reference.
+      pad_token_id) -> (responses [N*K, L], mask, logps [N*K])`` with ``logps`` the
+      log-probability of each response under the procedure's own distribution (or an
+      estimate of it).
 
   Returns:
     :class:`SampleScores` (``[N*K]`` rows, prompt-major).
   """
   from alignjax import decoding  # pylint: disable=import-outside-toplevel
   tokens, mask = repeat_prompts(prompt_tokens, prompt_mask, num_samples)
-  ref_fn = lambda r, m: scorer(reference, tokens, mask, r, m)  # noqa: E731
   if sampler is None:
     out = decoding.generate(model, tokens, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                             eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id, rng=rng)
@@ -160,10 +158,9 @@ def sample_and_score(
     logps = np.asarray(out.logprobs, np.float64).sum(axis=1)
   else:
     resp, resp_mask, logps = sampler(tokens, mask, max_new_tokens=max_new_tokens, rng=rng,
-                                     eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
-                                     reference_logps=ref_fn)
+                                     eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id)
     resp, resp_mask, logps = np.asarray(resp), np.asarray(resp_mask, bool), np.asarray(logps, np.float64)
-  ref = ref_fn(resp, resp_mask)
+  ref = scorer(reference, tokens, mask, resp, resp_mask)
   rewards = np.asarray(reward_fn(resp, resp_mask), np.float64)
   return SampleScores(resp, resp_mask, rewards, logps, ref, int(np.asarray(prompt_tokens).shape[0]))
 

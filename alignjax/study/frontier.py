@@ -329,8 +329,7 @@ def _decoding_rows(cfg: StudyConfig, workdir: str, p, evaluate, policy, sft_mode
   reward_dir = os.path.join(workdir, "runs", "reward")
 
   def best_of(n):
-    def sample(tokens, mask, *, max_new_tokens, rng, eos_token_ids, pad_token_id, reference_logps):
-      del reference_logps
+    def sample(tokens, mask, *, max_new_tokens, rng, eos_token_ids, pad_token_id):
       out = decoding.best_of_n(sft_model, policy("reward"), tokens, mask, n=n, max_new_tokens=max_new_tokens,
                                temperature=1.0, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, rng=rng)
       # log pi_BoN(y) = log pi_SFT(y) (the sampler's log-probs at T = 1) + the best-of-n log-ratio estimate.
@@ -339,8 +338,7 @@ def _decoding_rows(cfg: StudyConfig, workdir: str, p, evaluate, policy, sft_mode
     return sample
 
   def args(w):
-    def sample(tokens, mask, *, max_new_tokens, rng, eos_token_ids, pad_token_id, reference_logps):
-      del reference_logps
+    def sample(tokens, mask, *, max_new_tokens, rng, eos_token_ids, pad_token_id):
       out = decoding.args_generate(sft_model, policy("reward"), tokens, mask, max_new_tokens=max_new_tokens,
                                    k=cfg.args_k, w=w, temperature=1.0, eos_token_ids=eos_token_ids,
                                    pad_token_id=pad_token_id, rng=rng)
