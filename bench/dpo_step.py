@@ -90,12 +90,23 @@ def _tokens(rng, pairs, prompt, response, vocab):
   return p.astype(np.int32), c.astype(np.int32), r.astype(np.int32)
 
 
+def dpo_batch(pairs: int, prompt: int, response: int, vocab_size: int) -> dict:
+  """The benchmarks' paired batch (device arrays): :func:`_tokens` with full attention, response masks."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  p, c, r = _tokens(np.random.default_rng(0), pairs, prompt, response, vocab_size)
+  T = prompt + response
+  resp = np.zeros((pairs, T), bool)
+  resp[:, prompt:] = True
+  return {"chosen_tokens": jnp.asarray(np.concatenate([p, c], 1)),
+          "rejected_tokens": jnp.asarray(np.concatenate([p, r], 1)),
+          "chosen_attention": jnp.ones((pairs, T), bool), "rejected_attention": jnp.ones((pairs, T), bool),
+          "chosen_response": jnp.asarray(resp), "rejected_response": jnp.asarray(resp)}
+
 # ---------------------------------------------------------------- contenders
 
 def run_alignjax():
   import jax
-  import jax.numpy as jnp
-  import numpy as np
   import optax
   from flax import nnx
 
@@ -113,14 +124,7 @@ def run_alignjax():
                                max_grad_norm=CLIP, chunk_size=_CHUNK.value)
   state = steps.init_state(policy, tx)
   del policy
-  p, c, r = _tokens(np.random.default_rng(0), pairs, prompt, response, cfg.vocab_size)
-  T = prompt + response
-  resp = np.zeros((pairs, T), bool)
-  resp[:, prompt:] = True
-  batch = {"chosen_tokens": jnp.asarray(np.concatenate([p, c], 1)),
-           "rejected_tokens": jnp.asarray(np.concatenate([p, r], 1)),
-           "chosen_attention": jnp.ones((pairs, T), bool), "rejected_attention": jnp.ones((pairs, T), bool),
-           "chosen_response": jnp.asarray(resp), "rejected_response": jnp.asarray(resp)}
+  batch = dpo_batch(pairs, prompt, response, cfg.vocab_size)
   times, cpu = [], []
   for i in range(_WARMUP.value + _STEPS.value):
     t, c = time.perf_counter(), time.process_time()
@@ -129,7 +133,7 @@ def run_alignjax():
     if i >= _WARMUP.value:
       times.append(time.perf_counter() - t)
       cpu.append(time.process_time() - c)
-  _report("alignjax", times, 2 * pairs * T, baseline, cpu, loss=float(metrics["loss"]),
+  _report("alignjax", times, 2 * pairs * (prompt + response), baseline, cpu, loss=float(metrics["loss"]),
           backend=jax.default_backend(), devices=len(jax.devices()))
 
 

@@ -128,14 +128,7 @@ def run_alignjax(args, name):
   state = steps.init_state(policy, tx)
   trainable = sum(x.size for x in jax.tree.leaves(state.params))
   del policy  # the state holds copies; a LoRA model's base weights live on in `frozen`
-  p, c, r = dpo_step._tokens(np.random.default_rng(0), pairs, prompt, response, cfg.vocab_size)
-  T = prompt + response
-  resp = np.zeros((pairs, T), bool)
-  resp[:, prompt:] = True
-  batch = {"chosen_tokens": jnp.asarray(np.concatenate([p, c], 1)),
-           "rejected_tokens": jnp.asarray(np.concatenate([p, r], 1)),
-           "chosen_attention": jnp.ones((pairs, T), bool), "rejected_attention": jnp.ones((pairs, T), bool),
-           "chosen_response": jnp.asarray(resp), "rejected_response": jnp.asarray(resp)}
+  batch = dpo_step.dpo_batch(pairs, prompt, response, cfg.vocab_size)
   if ref_mode == "precomputed":  # as reference.attach would add them: one float per row and key
     rng = np.random.default_rng(1)
     for k in reference.REFERENCE_KEYS:  # reference_{chosen,rejected}_{logps,mean_logps}
@@ -150,7 +143,7 @@ def run_alignjax(args, name):
     jax.block_until_ready(metrics["loss"])
     if i >= args.warmup:
       times.append(time.perf_counter() - t)
-  _result(name, times, 2 * pairs * T, base_bytes, loss=float(metrics["loss"]), trainable=int(trainable),
+  _result(name, times, 2 * pairs * (prompt + response), base_bytes, loss=float(metrics["loss"]), trainable=int(trainable),
           compiled=plan._asdict(), source=memory.peak_memory().source)
 
 

@@ -117,12 +117,15 @@ def weight_pairs(positive, negative, data_path: str, out_path: str, *, batch_siz
 
 
 def critical_token_data(data_path: str, workdir: str, *, fields: Mapping[str, Any],
-                        train_fn: Optional[Callable[..., Any]] = None, batch_size: int = 64) -> str:
-  """The whole pipeline: contrast models, weights, and the weighted data set at ``<workdir>/data/weighted``."""
+                        train_fn: Optional[Callable[..., Any]] = None, batch_size: int = 64,
+                        out_path: Optional[str] = None) -> str:
+  """The whole pipeline: contrast models, weights, and the weighted data set (``out_path``, default
+  ``<workdir>/data/weighted``); finished contrast runs are skipped by a ``train_fn`` that checks for them."""
   from alignjax.training.checkpoint import load_policy  # pylint: disable=import-outside-toplevel
   positive_dir, negative_dir = train_contrast_models(data_path, workdir, fields=fields, train_fn=train_fn)
-  return weight_pairs(load_policy(positive_dir), load_policy(negative_dir), data_path,
-                      os.path.join(os.path.abspath(workdir), "data", "weighted"), batch_size=batch_size)
+  out_path = out_path or os.path.join(os.path.abspath(workdir), "data", "weighted")
+  return weight_pairs(load_policy(positive_dir), load_policy(negative_dir), data_path, out_path,
+                      batch_size=batch_size)
 
 
 def study_data(cfg, *, data_path: str, out_path: str, workdir: str, init_checkpoint: str,
@@ -136,11 +139,9 @@ def study_data(cfg, *, data_path: str, out_path: str, workdir: str, init_checkpo
   ``<workdir>/critical_tokens``; the weighted data set is written to ``out_path``
   (once), which is returned.
   """
-  from alignjax.training.checkpoint import load_policy  # pylint: disable=import-outside-toplevel
   steps = max(int(cfg.steps), 1)
   fields = {"seed": cfg.seed, "model.preset": cfg.model_preset, "batch_size": cfg.batch_size,
             "init.checkpoint": init_checkpoint, "sft.steps": steps, "sft.learning_rate": cfg.learning_rate,
             "sft.warmup_steps": max(1, steps // 10), "log_every": max(1, steps // 3), "checkpoint_every": steps}
-  positive_dir, negative_dir = train_contrast_models(data_path, os.path.join(workdir, "critical_tokens"),
-                                                     fields=fields, train_fn=train_fn)   # finished runs: skipped
-  return weight_pairs(load_policy(positive_dir), load_policy(negative_dir), data_path, out_path)
+  return critical_token_data(data_path, os.path.join(workdir, "critical_tokens"), fields=fields,
+                             train_fn=train_fn, out_path=out_path)

@@ -455,7 +455,7 @@ def run_study(
     out_path = os.path.join(workdir, "data", method)
     getattr(importlib.import_module(module), function)(
         cfg, data_path=pref_data, out_path=out_path, workdir=workdir, init_checkpoint=sft_dir,
-        train_fn=lambda run_cfg, *, workdir, m=method: train_run(run_cfg, workdir, 1, n_runs))
+        train_fn=lambda run_cfg, *, workdir: train_run(run_cfg, workdir, 1, n_runs))   # finished: skipped
   for i, spec in enumerate(runs, start=2):
     train(spec.name, run_config(cfg, spec, workdir), i, n_runs)
 
