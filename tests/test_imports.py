@@ -140,14 +140,14 @@ def test_layers_import_one_way(layer, forbidden):
   assert bad == []
 
 
-def test_tensorboard_writer_does_not_import_torch():
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
   """tensorboardX imports torch when installed (~4 s per training process); the metrics writer hides it."""
   import subprocess
   import sys
-  code = ("import sys, tempfile\n"
+  code = ("import sys\n"
           "from alignjax.training import runtime\n"
-          "w = runtime._summary_writer_class()(tempfile.mkdtemp()); w.add_scalar('x', 1.0, 1); w.close()\n"
+          "w = runtime._summary_writer_class()(sys.argv[1]); w.add_scalar('x', 1.0, 1); w.close()\n"
           "assert 'torch' not in sys.modules, 'torch was imported'\n"
           "import importlib.util; assert importlib.util.find_spec('torch') is None or __import__('torch')\n")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]

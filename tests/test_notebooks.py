@@ -50,7 +50,10 @@ CASES = [pytest.param(p, marks=pytest.mark.real) if p.name.startswith("real") el
 
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: p.name)
-def test_notebook_runs(path):
+def test_notebook_runs(path, tmp_path, monkeypatch):
+  # The kernel inherits TMPDIR: the notebooks' tempfile.mkdtemp() work directories land in
+  # pytest's tmp_path, not in the system temp dir.
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
   nb = nbformat.read(path, as_version=4)
   if path.name in SHORTER:
     module, args, fields = SHORTER[path.name]
@@ -61,3 +64,5 @@ def test_notebook_runs(path):
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if o.get("output_type") == "error"]
   assert not errors
+  if any("mkdtemp" in c.source for c in nb.cells if c.cell_type == "code"):  # it worked in tmp_path
+    assert any(tmp_path.iterdir()), "the notebook's work directory is not under TMPDIR"
