@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from alignjax import sharding
-from alignjax.models import ModelConfig, Transformer, from_hf, lora, to_hf
+from alignjax.models import ModelConfig, Transformer, from_hf, lora, to_hf, transformer
 from tests.hf_fixtures import load_hf_torch, make_tiny_hf, torch_logits
 
 TARGETS = r"layers/\d+/attn/(q|v)|layers/1/mlp/down"
@@ -181,25 +181,35 @@ def test_bad_input_one_line_errors():
   assert "layers/1/mlp/gate" in lora.adaptable_paths(model)
 
 
-def test_adapters_compute_what_qwix_computes():
+def _einsum_product(x, w, n_in):
+  """The model's weight product as one einsum on the unreshaped weight (what qwix intercepts)."""
+  ins, outs = "ijk"[:n_in], "pqr"[:w.ndim - n_in]
+  return jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x, w)
+
+
+def test_adapters_compute_what_qwix_computes(monkeypatch):
   """qwix's LoraProvider (what Tunix uses) on the attention modules is the reference.
 
   qwix adapts every weight its rule's *module* path reaches (here q, k, v, o of each
   attention module); the same targets by parameter path, with qwix's adapter values copied
-  in, give the same logits.
+  in, give the same logits. qwix finds a weight by tracing the einsum operand back to the
+  parameter, which the model's flattened 2-D product (reshaped weights) hides from it, so
+  the reference model contracts the unreshaped weight (the same sums).
   """
   qwix = pytest.importorskip("qwix")
   cfg = ModelConfig.llama_tiny()
   tokens, mask = _batch(seed=6, V=cfg.vocab_size)
-  reference = qwix.apply_lora_to_model(
-      Transformer(cfg, rngs=nnx.Rngs(0)), qwix.LoraProvider(module_path=r"layers/\d+/attn", rank=2, alpha=4.0),
-      tokens, rngs=nnx.Rngs(1))
-  qwix_adapters = nnx.state(reference, nnx.LoRAParam)
-  leaves, treedef = jax.tree.flatten(qwix_adapters)
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  nnx.update(reference, jax.tree.unflatten(
-      treedef, [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]))
-  want = np.asarray(_forward(reference, tokens, mask))
+  with monkeypatch.context() as patch:
+    patch.setattr(transformer, "_weight_product", _einsum_product)
+    reference = qwix.apply_lora_to_model(
+        Transformer(cfg, rngs=nnx.Rngs(0)), qwix.LoraProvider(module_path=r"layers/\d+/attn", rank=2, alpha=4.0),
+        tokens, rngs=nnx.Rngs(1))
+    qwix_adapters = nnx.state(reference, nnx.LoRAParam)
+    leaves, treedef = jax.tree.flatten(qwix_adapters)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    nnx.update(reference, jax.tree.unflatten(
+        treedef, [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]))
+    want = np.asarray(_forward(reference, tokens, mask))
   ours = lora.apply_lora(Transformer(cfg, rngs=nnx.Rngs(0)), rank=2, alpha=4.0, targets=r".*attn/(q|k|v|o)")
   theirs = {tuple(p): v.get_value() for p, v in nnx.iter_graph(reference) if isinstance(v, nnx.LoRAParam)}
   mine = {tuple(p): v for p, v in nnx.iter_graph(ours) if isinstance(v, nnx.LoRAParam)}

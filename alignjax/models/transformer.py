@@ -134,8 +134,14 @@ class Norm(nnx.Module):
     return (self.scale[...] * y.astype(x.dtype)).astype(x.dtype)
 
 
-def _linear(module: nnx.Module, name: str, x: jax.Array, eq: str, *, n_in: int) -> jax.Array:
-  """``einsum(eq, x, W)`` for the weight ``module.<name>``, plus its LoRA adapter if it has one.
+def _weight_product(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+  """``tensordot(x, w, n_in)`` as one 2-D matmul [M, K] x [K, N] (see `_linear`)."""
+  lead, k = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
+  return jnp.dot(x.reshape(-1, k), w.reshape(k, -1)).reshape(lead + w.shape[n_in:])
+
+
+def _linear(module: nnx.Module, name: str, x: jax.Array, *, n_in: int) -> jax.Array:
+  """``x . W`` for the weight ``module.<name>``, plus its LoRA adapter if it has one.
 
   A weight W [in..., out...] (its first `n_in` axes contracted with x's last ones) may
   carry ``<name>_lora_a`` [in..., r] and ``<name>_lora_b`` [r, out...] (nnx.LoRAParam, set
@@ -143,8 +149,13 @@ def _linear(module: nnx.Module, name: str, x: jax.Array, eq: str, *, n_in: int) 
   x·W + (alpha / r)·(dropout(x)·A)·B, as LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation
   of Large Language Models", arXiv:2106.09685, Eq. 3) and qwix's LoraProvider compute it.
   ``module.lora_enabled = False`` (`lora.adapters_off`) gives the base weights' output.
+
+  The product runs as one 2-D matmul [M, K] x [K, N] (`_weight_product`: the leading axes
+  of x and the contracted axes flattened), the sums of the einsum over the named axes; on
+  CPU XLA then computes the weight gradient x^T dy without transposing activations first
+  (bench/dpo_step.py's 100M DPO step: 7.1 s instead of 8.9 s on a 2-core AVX-512 host).
   """
-  y = jnp.einsum(eq, x, getattr(module, name)[...].astype(x.dtype))
+  y = _weight_product(x, getattr(module, name)[...].astype(x.dtype), n_in)
   a = getattr(module, name + "_lora_a", None)
   scale = getattr(module, "lora_scale", None)  # set with the adapters by apply_lora
   if a is None or scale is None or not getattr(module, "lora_enabled", True):
@@ -152,8 +163,8 @@ def _linear(module: nnx.Module, name: str, x: jax.Array, eq: str, *, n_in: int) 
   b = getattr(module, name + "_lora_b")
   dropout = getattr(module, "lora_dropout", None)
   xd = dropout(x) if dropout is not None else x
-  xa = jnp.tensordot(xd, a[...].astype(x.dtype), axes=n_in)
-  delta = jnp.tensordot(xa, b[...].astype(x.dtype), axes=1)
+  xa = _weight_product(xd, a[...].astype(x.dtype), n_in)
+  delta = _weight_product(xa, b[...].astype(x.dtype), 1)
   return y + (delta * scale).astype(y.dtype)
 
 
@@ -183,7 +194,7 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def _proj(self, x, name, b):
-    y = _linear(self, name, x, "btd,dhk->bthk", n_in=1)
+    y = _linear(self, name, x, n_in=1)  # btd,dhk->bthk
     return y if b is None else y + b[...].astype(x.dtype)
 
   def __call__(self, x, positions, key_mask, cache_kv=None, cache_index=None):
@@ -219,7 +230,7 @@ class Attention(nnx.Module):
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v,
                      preferred_element_type=jnp.float32).astype(v.dtype).reshape(B, T, H, Dh)
     out = checkpoint_name(out, "attention_out")
-    y = _linear(self, "o", out, "bthk,hkd->btd", n_in=2)
+    y = _linear(self, "o", out, n_in=2)  # bthk,hkd->btd
     if self.o_bias is not None:
       y = y + self.o_bias[...].astype(x.dtype)
     return y, new_kv
@@ -242,7 +253,7 @@ class MLP(nnx.Module):
       self.gate_bias = self.up_bias = self.down_bias = None
 
   def _dense(self, x, name, b):
-    y = _linear(self, name, x, "...d,df->...f", n_in=1)
+    y = _linear(self, name, x, n_in=1)  # ...d,df->...f
     return y if b is None else y + b[...].astype(x.dtype)
 
   def __call__(self, x):
