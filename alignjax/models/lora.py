@@ -12,8 +12,9 @@ inside modules whose *module* path matches a rule, so one rule adapts every weig
 module uses (q, k, v and o of an attention block together) and cannot express a regex over
 *parameter* paths (``layers/3/attn/q``); it also matches weights by tracing them back from
 the einsum operand, which the stacked weights of ``scan_layers`` (sliced inside
-``nnx.scan``) do not allow. The adapters here are the same computation, keyed by parameter
-path, and work with scanned layers (one stacked adapter per stacked weight).
+``nnx.scan``) do not allow, nor the reshaped weights of alignjax's linear layers (one 2-D
+matmul each, `transformer._weight_product`). The adapters here are the same computation,
+keyed by parameter path, and work with scanned layers (one stacked adapter per stacked weight).
 
     model = lora.apply_lora(model, rank=16, alpha=32, targets=r".*attn/(q|v)")
     graphdef, adapters, base = lora.split(model)       # train `adapters` only

@@ -153,7 +153,7 @@ def _linear(module: nnx.Module, name: str, x: jax.Array, *, n_in: int) -> jax.Ar
   The product runs as one 2-D matmul [M, K] x [K, N] (`_weight_product`: the leading axes
   of x and the contracted axes flattened), the sums of the einsum over the named axes; on
   CPU XLA then computes the weight gradient x^T dy without transposing activations first
-  (bench/dpo_step.py's 100M DPO step: 7.1 s instead of 8.9 s on a 2-core AVX-512 host).
+  (bench/dpo_step.py's 100M DPO step: 7.3 s instead of 9.2 s on a 2-core AVX-512 host).
   """
   y = _weight_product(x, getattr(module, name)[...].astype(x.dtype), n_in)
   a = getattr(module, name + "_lora_a", None)
