@@ -77,7 +77,7 @@ def test_sample_launcher_greedy_matches_transformers(model_dir, tmp_path):
     ('{"text": "w3"}\n', [], "needs a `prompt` or `tokens` key"),
     ('"w3 w4"\n', ["--config.max_new_tokens=0"], "`config.max_new_tokens` must be > 0"),
     ('"w3 w4"\n', ["--config.temperature=-1.0"], "`config.temperature` must be"),
-    ("[3, 400]\n", [], "`prompt_tokens` must be in"),
+    ("[3, 400]\n", [], "prompt 0 has token ids outside the model's vocabulary"),
     ('"w3"\n', ["--config.eos_token_ids=a,b"], "`config.eos_token_ids`"),
     ('"w3"\n', ["--config.nope=1"], "nope"),
 ])
@@ -90,3 +90,17 @@ def test_sample_launcher_user_errors_exit_2(model_dir, tmp_path, setup, args, ma
   assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
   lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
   assert len(lines) == 1 and match in lines[0], r.stderr
+
+
+def test_sample_launcher_checks_prompt_tokens_before_loading_weights(model_dir, tmp_path):
+  """The vocabulary comes from config.json alone: a directory without weights still gets the prompt error."""
+  import shutil
+  bare = tmp_path / "config_only"
+  bare.mkdir()
+  shutil.copy(os.path.join(model_dir, "config.json"), bare / "config.json")
+  p = tmp_path / "prompts.jsonl"
+  p.write_text("[3, 400]\n")
+  r = _run(f"--config.model={bare}", f"--config.prompts={p}", f"--config.output={tmp_path / 'o.jsonl'}", cwd=tmp_path)
+  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+  lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+  assert len(lines) == 1 and "prompt 0 has token ids outside the model's vocabulary [0, " in lines[0], r.stderr

@@ -114,6 +114,21 @@ def _load_model(path: str, dtype: str):
                     f"alignjax model checkpoint.")
 
 
+def _model_vocab_size(path: str):
+  """The vocabulary size from a model directory's config (no weights read); None if unknown."""
+  from alignjax.models import checkpoint_io, families, hf  # pylint: disable=import-outside-toplevel
+  if not path:
+    return None
+  try:
+    if os.path.isfile(os.path.join(path, "config.json")):
+      return families.config_from_hf(hf.read_hf_config(path)).vocab_size
+    if os.path.isdir(os.path.join(path, checkpoint_io.CONFIG_ITEM)):
+      return checkpoint_io.load_config(path).vocab_size
+  except Exception:  # pylint: disable=broad-except  (loading the model reports a bad config)
+    return None
+  return None
+
+
 def _load_tokenizer(cfg: SampleConfig, needed: bool):
   path = cfg.tokenizer
   if not path and cfg.model and any(os.path.isfile(os.path.join(cfg.model, f)) for f in _TOKENIZER_FILES):
@@ -219,15 +234,19 @@ def sample_file(cfg: SampleConfig) -> dict[str, int]:
   if cfg.model and not os.path.exists(cfg.model):
     raise SampleError(f"`config.model` {cfg.model} does not exist.")
   tokenizer = _load_tokenizer(cfg, needed=any(isinstance(p, str) or _is_chat(p) for p in prompts))
-  model = _load_model(cfg.model, cfg.dtype)
-  rm = _load_reward_model(cfg.reward_model, cfg.dtype) if cfg.reward_model else None
   try:
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
   except ValueError as e:  # e.g. a tokenizer without a chat template
     raise SampleError(f"could not render the prompts: {_first_line(e)}") from None
+  vocab = _model_vocab_size(cfg.model)  # from the config alone: bad prompts fail before the weights load
   for n, row in enumerate(ids):
     if not row:
       raise SampleError(f"prompt {n} tokenizes to no tokens.")
+    if vocab is not None and (min(row) < 0 or max(row) >= vocab):
+      raise SampleError(f"prompt {n} has token ids outside the model's vocabulary [0, {vocab}): "
+                        f"range [{min(row)}, {max(row)}].")
+  model = _load_model(cfg.model, cfg.dtype)
+  rm = _load_reward_model(cfg.reward_model, cfg.dtype) if cfg.reward_model else None
   eos = _eos_ids(cfg, tokenizer)
   pad = cfg.pad_token_id
   if pad < 0:
