@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
   rm_dir = make_tiny_rm("llama", str(root / "rm"), seed=3)
   return dict(policy=models.from_hf(policy_dir), rm=models.from_hf(rm_dir),
               torch_policy=hf_fixtures.load_hf_torch(policy_dir), torch_rm=load_torch_rm(rm_dir),
-              rm_dir=rm_dir)
+              rm_dir=rm_dir, policy_dir=policy_dir)
 
 
 from tests.test_decoding import _count_compiles  # noqa: E402 (one compile counter for the decoding tests)
@@ -199,6 +199,33 @@ def test_best_of_n_returns_the_argmax_of_brute_force_rewards(setup):
   counts = score(full, full_mask).reshape(B, n)
   np.testing.assert_array_equal(out2.scores, counts)
   np.testing.assert_array_equal(out2.index, counts.argmax(-1))
+
+
+def test_best_of_n_and_args_on_a_2x2x2_mesh_equal_unsharded(setup):
+  """The rows split over the mesh's batch axes (policy and reward model sharded) give the same outputs."""
+  from alignjax import sharding  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  policy = models.from_hf(setup["policy_dir"], mesh=mesh)
+  rm = models.from_hf(setup["rm_dir"], mesh=mesh)
+  tokens, mask = _prompts(seed=4)
+  key = jax.random.key(7)
+  kw = dict(n=4, max_new_tokens=N, temperature=1.0, eos_token_ids=(5, 6, 7, 8), rng=key)  # 12 rows
+  want = decoding.best_of_n(setup["policy"], setup["rm"], tokens, mask, **kw)
+  got = decoding.best_of_n(policy, rm, tokens, mask, mesh=mesh, **kw)
+  np.testing.assert_array_equal(np.asarray(got.samples.tokens), np.asarray(want.samples.tokens))
+  np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got.index), np.asarray(want.index))
+  assert len(got.samples.tokens.sharding.device_set) == 8
+
+  tokens4 = np.concatenate([tokens, tokens[:1]])  # 4 rows: one per (data, fsdp) shard
+  mask4 = np.concatenate([mask, mask[:1]])
+  kw = dict(max_new_tokens=N, k=K, w=2.0, eos_token_ids=NO_EOS)
+  want = decoding.args_generate(setup["policy"], setup["rm"], tokens4, mask4, **kw)
+  got = decoding.args_generate(policy, rm, tokens4, mask4, mesh=mesh, **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.candidate_tokens), np.asarray(want.candidate_tokens))
+  np.testing.assert_allclose(np.asarray(got.candidate_rewards), np.asarray(want.candidate_rewards),
+                             atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------ GenARM

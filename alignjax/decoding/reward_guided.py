@@ -166,7 +166,8 @@ class _ArgsRule:
 
 def args_generate(model, rm, prompt_tokens, prompt_mask, *, max_new_tokens: int, k: int, w,
                   temperature=0.0, eos_token_ids=(), pad_token_id: int = 0, rng=None,
-                  allowed_tokens=None, constraint=None, cache_len: Optional[int] = None) -> ArgsOutput:
+                  allowed_tokens=None, constraint=None, cache_len: Optional[int] = None,
+                  mesh=None) -> ArgsOutput:
   """ARGS: reward-guided decoding, one compiled program for all steps.
 
   Khanov et al. 2024, "ARGS: Alignment as Reward-Guided Search" (arXiv:2402.01694),
@@ -197,8 +198,9 @@ def args_generate(model, rm, prompt_tokens, prompt_mask, *, max_new_tokens: int,
     k: the number of candidates per step, ``1 <= k <= V``.
     w: the reward weight, scalar or ``[B]``; 0 is the policy's greedy decoding.
     temperature: scalar or ``[B]``; 0 is greedy, > 0 samples ``softmax(s / temperature)``.
-    eos_token_ids, pad_token_id, allowed_tokens, constraint, cache_len: as
-      :func:`~alignjax.decoding.generate` (masked tokens are never candidates).
+    eos_token_ids, pad_token_id, allowed_tokens, constraint, cache_len, mesh: as
+      :func:`~alignjax.decoding.generate` (masked tokens are never candidates; with a
+      mesh, load the policy and ``rm`` with it too).
     rng: a ``jax.random`` key (used when sampling; default ``jax.random.key(0)``).
 
   Returns:
@@ -239,7 +241,7 @@ def args_generate(model, rm, prompt_tokens, prompt_mask, *, max_new_tokens: int,
   out = sampler_lib.generate(model, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens,
                              eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, rng=rng,
                              allowed_tokens=allowed_tokens, constraint=constraint, cache_len=cache_len,
-                             selector=selector)
+                             selector=selector, mesh=mesh)
   cand, cand_logits, rewards = out.selector_output
   return ArgsOutput(out.tokens, out.mask, out.logprobs, cand, cand_logits, rewards)
 
@@ -259,7 +261,7 @@ def _score(rm, tokens, mask) -> np.ndarray:
 
 def best_of_n(model, rm, prompt_tokens, prompt_mask, *, n: int, max_new_tokens: int,
               temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(), pad_token_id: int = 0,
-              rng, allowed_tokens=None, constraint=None) -> BestOfNOutput:
+              rng, allowed_tokens=None, constraint=None, mesh=None) -> BestOfNOutput:
   """Best-of-N sampling: ``n`` samples per prompt, the one with the highest reward.
 
   Rejection sampling against a reward model as in Nakano et al. 2021, "WebGPT"
@@ -276,8 +278,9 @@ def best_of_n(model, rm, prompt_tokens, prompt_mask, *, n: int, max_new_tokens: 
     prompt_tokens, prompt_mask: ``[B, T]`` prompts.
     n: samples per prompt (>= 1).
     max_new_tokens, temperature, top_k, top_p, eos_token_ids, pad_token_id,
-      allowed_tokens, constraint: as :func:`~alignjax.decoding.generate` (``[B]`` values
-      and ``[B, V]`` masks apply to every sample of their prompt).
+      allowed_tokens, constraint, mesh: as :func:`~alignjax.decoding.generate` (``[B]``
+      values and ``[B, V]`` masks apply to every sample of their prompt; with a mesh the
+      ``B * n`` rows are split over its batch axes and scored where they were drawn).
     rng: a ``jax.random`` key.
 
   Returns:
@@ -315,7 +318,7 @@ def best_of_n(model, rm, prompt_tokens, prompt_mask, *, n: int, max_new_tokens: 
   out = sampler_lib.generate(model, rep_tokens, rep_mask, max_new_tokens=max_new_tokens,
                              temperature=rows(temperature), top_k=rows(top_k), top_p=rows(top_p),
                              eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, rng=rng,
-                             allowed_tokens=allowed_tokens, constraint=constraint)
+                             allowed_tokens=allowed_tokens, constraint=constraint, mesh=mesh)
   full = jnp.concatenate([jnp.asarray(rep_tokens, jnp.int32), out.tokens], axis=1)
   full_mask = jnp.concatenate([jnp.asarray(rep_mask, bool), out.mask], axis=1)
   scores = jnp.asarray(_score(rm, full, full_mask), jnp.float32)
