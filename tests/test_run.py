@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,13 +43,10 @@ def flags(**overrides):
   return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items() if v is not None]
 
 
-_CACHE = os.path.join(tempfile.gettempdir(), f"alignjax-test-jax-cache-{os.getuid()}")
-
-
 def env():
-  # A persistent compilation cache shared by the launcher subprocesses of this file.
-  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=_CACHE,
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  # The launcher subprocesses share the suite's persistent compilation cache (tests/conftest.py
+  # exports its JAX_COMPILATION_CACHE_* settings).
+  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   e.pop("XLA_FLAGS", None)  # one device is enough for the launcher
   return e
 
