@@ -85,7 +85,7 @@ def torch_logits(model, tokens, mask):
   """float32 numpy logits of a torch HF model with positions cumsum(mask) - 1 (clipped at 0)."""
   import numpy as np
   import torch
-  tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+  tokens = torch.as_tensor(np.array(tokens), dtype=torch.long)  # a copy: jax arrays read as numpy are read-only
   mask_t = torch.as_tensor(np.asarray(mask).astype(np.int64))
   positions = (mask_t.cumsum(-1) - 1).clamp(min=0)
   with torch.no_grad():
