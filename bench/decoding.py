@@ -21,7 +21,9 @@ floor / measured ms per new token. The bandwidth is
 measured at the start and again right before each row; a row uses the largest so far (a
 measurement taken while other work loads the machine understates it). ``cpu ms/step``
 is the process CPU time (all threads) per new token, which moves less than the wall time
-when the machine is shared.
+when the machine is shared. ``XLA matmul GB/s`` / ``torch matmul GB/s``: the rate at
+which each library's matmul alone reads the layers' projection weights for B rows
+(:func:`matmul_stream_rates`), the kernels' own ceiling under the roofline.
 
 Tunix (``google-tunix``) is benchmarked when it can be imported (its sampler module only;
 tunix/__init__.py, which pulls in its trainers, is bypassed); its sampler takes text, so a
@@ -99,6 +101,42 @@ def read_bandwidth() -> float:
     jax.block_until_ready(total(x))
     best = min(best, time.perf_counter() - t)
   return 4 * n / best
+
+
+def matmul_stream_rates(hf, batch: int, repeats: int = 5) -> tuple[float, float]:
+  """Bytes/s at which XLA's and torch's matmuls read this model's projection weights for ``batch`` rows.
+
+  The decoder layers' ``nn.Linear`` weights of the transformers model (the LM head left
+  out), each multiplied once by a ``[batch, in]`` activation as a decode step does: XLA
+  with the weight in alignjax's ``[in, out]`` layout (``jnp.dot``, one jitted program for
+  all of them), torch with its own ``[out, in]`` (``F.linear``). Best of ``repeats``. The
+  ratio of the two is the kernels' share of the gap between the samplers.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  weights = [m.weight.detach() for name, m in hf.named_modules()
+             if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
+  nbytes = 4 * sum(w.numel() for w in weights)
+  ours = [jnp.asarray(w.numpy().T) for w in weights]
+  xs = {k: np.random.default_rng(0).standard_normal((batch, k), np.float32) for k in {w.shape[1] for w in weights}}
+  products = jax.jit(lambda xs, ws: [jnp.dot(xs[w.shape[0]], w) for w in ws])
+  jx = {k: jnp.asarray(v) for k, v in xs.items()}
+  tx = {k: torch.from_numpy(v) for k, v in xs.items()}
+
+  def best(fn):
+    fn()
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t)
+    return min(times)
+
+  t_xla = best(lambda: jax.block_until_ready(products(jx, ours)))
+  with torch.no_grad():
+    t_torch = best(lambda: [torch.nn.functional.linear(tx[w.shape[1]], w) for w in weights])
+  return nbytes / t_xla, nbytes / t_torch
 
 
 def bytes_per_step(cfg, batch: int, cache_len: float, itemsize: int = 4) -> float:
@@ -223,6 +261,7 @@ def main(argv):
         t_hf = _median_time(run_hf, repeats, cpu_hf)
         agree = float(np.mean(ours == theirs))
         tok = B * N
+        xla_rate, torch_rate = matmul_stream_rates(hf, B)
         step_bytes = bytes_per_step(cfg, B, P + N / 2)
         floor = step_bytes / bandwidth
         line = {"size": size, "B": B, "alignjax tok/s": tok / t_ours, "transformers tok/s": tok / t_hf,
@@ -231,6 +270,7 @@ def main(argv):
                 "alignjax cpu ms/step": 1e3 * cpu_ours[0] / N, "transformers cpu ms/step": 1e3 * cpu_hf[0] / N,
                 "GB/s used": bandwidth / 1e9, "floor ms/step": 1e3 * floor,
                 "alignjax roofline": floor / (t_ours / N), "transformers roofline": floor / (t_hf / N),
+                "XLA matmul GB/s": xla_rate / 1e9, "torch matmul GB/s": torch_rate / 1e9,
                 "compiles (warm-up/timed)": f"{warm_compiles}/{timed_compiles}"}
         if tunix_model is not None:
           try:
