@@ -53,12 +53,18 @@ def _quiet_libtpu_without_a_tpu() -> None:
   Otherwise it prints "could not determine TPU accelerator type" and an
   ``INVALID_ARGUMENT`` line about ``TPU_WORKER_HOSTNAMES``; the topology it
   compiles for is given by name and is the same either way (checked on v4/v5e,
-  multi-host and multi-slice). Nor does it write its driver logs (a new file in
-  /tmp/tpu_logs per process) there: ``TPU_LOG_DIR=disabled`` keeps them on stderr.
+  multi-host and multi-slice). Nor does it write log files there: its driver logs
+  (a new file in /tmp/tpu_logs per process) stay on stderr with ``TPU_LOG_DIR=disabled``,
+  and its ``tpu_driver`` glog files (two per process in $TMPDIR, default /tmp) with
+  ``--logtostderr`` in ``LIBTPU_INIT_ARGS``; libtpu's stderr threshold still applies,
+  so neither prints more.
   """
   from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
   if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
     os.environ.setdefault("TPU_LOG_DIR", "disabled")
+    args = os.environ.get("LIBTPU_INIT_ARGS", "")
+    if "--logtostderr" not in args and "--log_dir" not in args:
+      os.environ["LIBTPU_INIT_ARGS"] = f"{args} --logtostderr".strip()
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
 
