@@ -29,6 +29,7 @@ API::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -47,29 +48,52 @@ import numpy as np
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
-def _quiet_libtpu_without_a_tpu() -> None:
+def _quiet_libtpu_without_a_tpu() -> bool:
   """On a machine without a TPU chip, libtpu (loaded only to compile) does not look for its own slice.
 
   Otherwise it prints "could not determine TPU accelerator type" and an
   ``INVALID_ARGUMENT`` line about ``TPU_WORKER_HOSTNAMES``; the topology it
   compiles for is given by name and is the same either way (checked on v4/v5e,
-  multi-host and multi-slice). Nor does it write log files there: its driver logs
-  (a new file in /tmp/tpu_logs per process) stay on stderr with ``TPU_LOG_DIR=disabled``,
-  and its ``tpu_driver`` glog files (two per process in $TMPDIR, default /tmp) with
-  ``--logtostderr`` in ``LIBTPU_INIT_ARGS``; libtpu's stderr threshold still applies,
-  so neither prints more.
+  multi-host and multi-slice). Nor does it write its driver logs (a new file in
+  /tmp/tpu_logs per process) there: ``TPU_LOG_DIR=disabled`` keeps them on stderr
+  (for its glog files see `_libtpu_logs_to_stderr`). Returns whether there is no chip.
   """
   from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
-  if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
-    os.environ.setdefault("TPU_LOG_DIR", "disabled")
-    args = os.environ.get("LIBTPU_INIT_ARGS", "")
-    if "--logtostderr" not in args and "--log_dir" not in args:
-      os.environ["LIBTPU_INIT_ARGS"] = f"{args} --logtostderr".strip()
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+    return False
+  os.environ.setdefault("TPU_LOG_DIR", "disabled")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+  return True
 
 
-_quiet_libtpu_without_a_tpu()
+_NO_TPU_CHIP = _quiet_libtpu_without_a_tpu()
+
+
+@contextlib.contextmanager
+def _libtpu_logs_to_stderr():
+  """While libtpu loads on a machine without a TPU chip: its glog output goes to stderr.
+
+  Otherwise libtpu writes two ``tpu_driver.<host>.<user>.log.*`` files into $TMPDIR
+  (default /tmp) per process; ``--logtostderr`` in ``LIBTPU_INIT_ARGS`` sends them to
+  stderr instead, under libtpu's stderr threshold (nothing more is printed). Only here,
+  and restored after: JAX hashes ``LIBTPU_INIT_ARGS`` into every persistent compilation
+  cache key, so a lasting change would make the same CPU programs miss the cache. A user's
+  own ``--logtostderr`` or ``--log_dir`` is left alone.
+  """
+  old = os.environ.get("LIBTPU_INIT_ARGS")
+  if not _NO_TPU_CHIP or "--logtostderr" in (old or "") or "--log_dir" in (old or ""):
+    yield
+    return
+  os.environ["LIBTPU_INIT_ARGS"] = f"{old or ''} --logtostderr".strip()
+  try:
+    yield
+  finally:
+    if old is None:
+      del os.environ["LIBTPU_INIT_ARGS"]
+    else:
+      os.environ["LIBTPU_INIT_ARGS"] = old
+
 
 GiB = 1024 ** 3
 
@@ -185,7 +209,8 @@ def get_topology(name: str, *, num_slices: int = 1, backend: str = "auto") -> To
   if backend == "tpu":
     from jax.experimental import topologies  # noqa: PLC0415
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
-    desc = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
+    with _libtpu_logs_to_stderr():
+      desc = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
     devices = tuple(desc.devices)
   else:
     # One fake CPU device per chip (v4/v5p megacore counted as one device).
