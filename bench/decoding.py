@@ -87,6 +87,17 @@ def _median_time(fn, repeats, cpu_out=None):
   return statistics.median(times)
 
 
+def _best_time(fn, repeats: int) -> float:
+  """Fewest wall seconds of ``repeats`` calls of ``fn``, after one untimed call (compilation, first touch)."""
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
 def read_bandwidth() -> float:
   """Bytes read per second by a jitted sum over a 256 MiB float32 array (best of 10)."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -94,13 +105,7 @@ def read_bandwidth() -> float:
   n = 2 ** 26
   x = jnp.ones((n,), jnp.float32)
   total = jax.jit(jnp.sum)
-  jax.block_until_ready(total(x))
-  best = float("inf")
-  for _ in range(10):
-    t = time.perf_counter()
-    jax.block_until_ready(total(x))
-    best = min(best, time.perf_counter() - t)
-  return 4 * n / best
+  return 4 * n / _best_time(lambda: jax.block_until_ready(total(x)), 10)
 
 
 def matmul_stream_rates(hf, batch: int, repeats: int = 5) -> tuple[float, float]:
@@ -123,19 +128,9 @@ def matmul_stream_rates(hf, batch: int, repeats: int = 5) -> tuple[float, float]
   products = jax.jit(lambda xs, ws: [jnp.dot(xs[w.shape[0]], w) for w in ws])
   jx = {k: jnp.asarray(v) for k, v in xs.items()}
   tx = {k: torch.from_numpy(v) for k, v in xs.items()}
-
-  def best(fn):
-    fn()
-    times = []
-    for _ in range(repeats):
-      t = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - t)
-    return min(times)
-
-  t_xla = best(lambda: jax.block_until_ready(products(jx, ours)))
+  t_xla = _best_time(lambda: jax.block_until_ready(products(jx, ours)), repeats)
   with torch.no_grad():
-    t_torch = best(lambda: [torch.nn.functional.linear(tx[w.shape[1]], w) for w in weights])
+    t_torch = _best_time(lambda: [torch.nn.functional.linear(tx[w.shape[1]], w) for w in weights], repeats)
   return nbytes / t_xla, nbytes / t_torch
 
 
