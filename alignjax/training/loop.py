@@ -220,6 +220,87 @@ def run(
     return _run(cfg, workdir, writer, progress, explicit, guard)
 
 
+def stored_config(workdir: str) -> RunConfig:
+  """The config of the run in ``workdir``: the one stored with its checkpoints (else its ``config.json``)."""
+  workdir = os.path.abspath(workdir)
+  record = run_lib.read_record(os.path.join(workdir, "checkpoints")) or {}
+  flat = record.get("config")
+  if flat is None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+      raise ConfigError(f"workdir: {workdir} holds no run (no checkpoints/{run_lib.RECORD} or config.json).")
+    with open(path) as f:
+      flat = json.load(f)
+  return config_lib.build(None, **flat)
+
+
+def evaluate_run(workdir: str, *, steps: Optional[Iterable[int]] = None) -> list[dict[str, Any]]:
+  """The preference metrics of a run's policy at checkpointed steps, on the run's eval split.
+
+  What ``trainer.evaluate()`` gives in TRL, for any saved step of a run of
+  :func:`run`, finished or not: the run is rebuilt once from the config stored
+  with its checkpoints, and each step is restored and evaluated as :func:`run`
+  evaluates (the algorithm's eval step: its loss and metrics, e.g. DPO's
+  rewards, margins and ``policy/preference_accuracy``, example-weighted over
+  the eval rows). At the preference phase's start (the last SFT step, or step
+  0 without SFT) the policy is its own reference: the run's ``eval_before``.
+  Later steps are evaluated against the run's reference; the final step gives
+  ``eval_after``. The workdir is not locked and nothing in it is changed, so a
+  run in progress may be evaluated; the one exception is the precomputed
+  reference mode at the preference phase's start, whose reference pass is
+  written as the run writes it.
+
+  Args:
+    workdir: a run's working directory.
+    steps: checkpointed steps, and step 0 when the run has no SFT warm-up
+      (default: the newest).
+
+  Returns:
+    One ``{"step", "phase", "loss", "metrics"}`` per step, in order; ``phase`` is
+    ``"start"`` (the preference phase's start) or ``"preference"``.
+
+  Raises:
+    ConfigError: no run in ``workdir``, a step not checkpointed, or a step
+      inside the SFT warm-up (no preference reference exists yet).
+  """
+  from alignjax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  workdir = os.path.abspath(workdir)
+  cfg = stored_config(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  sft_steps = cfg.sft.steps
+  saved = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+  available = ([0] if sft_steps == 0 else []) + saved   # step 0: the initial policy is the preference start
+  if steps is None:
+    if not saved:
+      raise ConfigError(f"workdir: {workdir} has no checkpointed step yet.")
+    steps = saved[-1:]
+  steps = sorted({int(x) for x in steps})
+  for step in steps:
+    if step not in available:
+      raise ConfigError(f"steps: {step} is not a checkpointed step of {workdir} "
+                        f"(available: {', '.join(map(str, available)) or 'none'}).")
+    if step < sft_steps:
+      raise ConfigError(f"steps: {step} is inside the SFT warm-up (steps 1..{sft_steps}); the preference metrics "
+                        f"start at step {sft_steps}, where the policy after SFT becomes the reference.")
+  s = _setup(cfg, workdir, train=False)
+  ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.max_checkpoints, warn=_warn) if any(steps) else None
+  out = []
+  try:
+    for step in steps:
+      if step:
+        ckpt.restore(s.objects, step)
+      if step == sft_steps:
+        s.start_preference_phase()   # as run() does before its first preference step
+      else:
+        s.load_reference(None)
+      out.append({"step": step, "phase": "start" if step == sft_steps else "preference", "loss": s.algo.name,
+                  "metrics": s.evaluate_pref(s.objects["pref"].params)})
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  return out
+
+
 def _resolve_identity(cfg: RunConfig, workdir: str, ckpt_dir: str, explicit) -> tuple[RunConfig, dict]:
   """Checks ``cfg`` against the stored run; returns the config to run and the record."""
   record = run_lib.read_record(ckpt_dir)
@@ -368,7 +449,33 @@ def _precompute_reference(cfg: RunConfig, workdir: str, params, policy, train_so
   return out["train"], eval_data
 
 
-def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dict[str, Any]:
+@dataclasses.dataclass
+class _Setup:
+  """What :func:`run` and :func:`evaluate_run` build from a config before any step.
+
+  ``objects`` are the checkpointed pytrees (both phases' train states and the
+  online reference); ``evaluate_pref(params)`` gives the preference metrics on the
+  eval split; ``start_preference_phase()`` makes the policy after SFT the
+  preference phase's start and reference; ``load_reference(params)`` reads (or,
+  with ``params``, computes) the precomputed reference log-probs.
+  """
+  algo: Any
+  data_name: str
+  train_ds: Any
+  policy: Any
+  mesh: Any
+  phases: list
+  objects: dict
+  to_device: Callable
+  compute: Optional[str]
+  ches_note: Optional[str]
+  evaluate_pref: Callable[[Any], dict]
+  load_reference: Callable[[Any], None]
+  start_preference_phase: Callable[[], None]
+
+
+def _setup(cfg: RunConfig, workdir: str, *, train: bool = True) -> _Setup:
+  """Data, models, phases and initial state of the run ``cfg`` in ``workdir`` (``train=False``: no CHES filter)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -376,13 +483,6 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   from alignjax.data import preference_batches, to_arrays  # pylint: disable=import-outside-toplevel
   from alignjax.training import reference as reference_lib  # pylint: disable=import-outside-toplevel
   from alignjax.training import steps as steps_lib  # pylint: disable=import-outside-toplevel
-  from alignjax import memory as memory_lib  # pylint: disable=import-outside-toplevel
-  from alignjax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-
-  main = jax.process_index() == 0
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  cfg, record = _resolve_identity(cfg, workdir, ckpt_dir, explicit)
-  stored_budget = dict(record["budget"]) if record.get("budget") else None
 
   algo = algorithms.get(cfg.loss.name)
   pref_loss = algorithms.Loss(algo, config_lib.hparams(cfg))
@@ -409,7 +509,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
       raise ConfigError(f"config.lora: {e}") from None
   base = _cast_floats(steps_lib.frozen_base(policy, mesh=mesh), cfg.precision.frozen)   # {} without LoRA
   ches_note = None
-  if cfg.data.ches_keep < 1.0:   # likelihood-displacement filter: the lowest-CHES pairs under the initial policy
+  if train and cfg.data.ches_keep < 1.0:   # likelihood-displacement filter: lowest-CHES pairs under the initial policy
     from alignjax.training import diagnostics  # pylint: disable=import-outside-toplevel
     n_all = len(train_source)
     train_source, _ = diagnostics.ches_filter(policy, to_arrays(train_source), keep_fraction=cfg.data.ches_keep)
@@ -455,6 +555,57 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   pref.data = pref_data
   sft.data = lambda b, step: batch_lib.unpaired_rows(b) or b   # unpaired files: SFT on the desirable rows
   to_device = global_batch(mesh)
+  compute = None if cfg.precision.compute_dtype == cfg.precision.param_dtype else cfg.precision.compute_dtype
+  pref_eval = steps_lib.make_eval_step(policy, pref_loss, pref_ref, mesh=mesh, compute_dtype=compute,
+                                       chunk_size=cfg.chunk_size)
+
+  def evaluate_pref(params):
+    return evaluate(pref_eval, params, pref.frozen(), reference_store.get("eval", eval_data), cfg.eval_batch_size,
+                    to_device=to_device)
+
+  def load_reference(params):
+    """Precomputed mode: the reference pass at the start of the preference phase (or its files)."""
+    if precomputed and "train" not in reference_store:
+      reference_store["train"], reference_store["eval"] = _precompute_reference(
+          cfg, workdir, params, policy, train_source, raw_eval, adapt, mesh)
+
+  def start_preference_phase():
+    """The policy after SFT starts the preference phase and is its frozen reference."""
+    params = objects["sft"].params
+    objects["pref"] = steps_lib.TrainState(
+        objects["pref"].step * 0, jax.tree.map(jnp.copy, params), jax.jit(pref.tx.init)(params),
+        objects["pref"].skipped * 0)
+    if "reference" in objects:   # every weight of the policy now (with LoRA: base + the SFT adapters)
+      full = nnx.state(steps_lib.update_model(policy, objects["sft"]), nnx.Param)
+      objects["reference"] = _cast_floats(jax.tree.map(jnp.copy, full), cfg.precision.frozen)
+    if precomputed:
+      reference_store.clear()
+      load_reference(params)
+
+  return _Setup(algo, data_name, train_ds, policy, mesh, phases, objects, to_device, compute, ches_note,
+                evaluate_pref, load_reference, start_preference_phase)
+
+
+def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dict[str, Any]:
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from alignjax.data import batch as batch_lib  # pylint: disable=import-outside-toplevel
+  from alignjax.training import steps as steps_lib  # pylint: disable=import-outside-toplevel
+  from alignjax import memory as memory_lib  # pylint: disable=import-outside-toplevel
+  from alignjax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+
+  main = jax.process_index() == 0
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  cfg, record = _resolve_identity(cfg, workdir, ckpt_dir, explicit)
+  stored_budget = dict(record["budget"]) if record.get("budget") else None
+
+  s = _setup(cfg, workdir)
+  algo, policy, mesh, objects, to_device = s.algo, s.policy, s.mesh, s.objects, s.to_device
+  sft, pref = phases = s.phases
+  sft_steps, total = cfg.sft.steps, cfg.sft.steps + cfg.dpo.steps
+  evaluate_pref, load_reference, start_preference_phase = s.evaluate_pref, s.load_reference, s.start_preference_phase
+  train_ds = s.train_ds
 
   ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.max_checkpoints, warn=_warn if main else (lambda m: None))
   writer = run_lib.metrics_writer(workdir) if writer is None else writer
@@ -476,15 +627,15 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     progress.set_peak_flops(run_lib.peak_flops(cfg.precision.compute_dtype))
     if start:
       progress.message(f"resumed from step {start} of {total} ({ckpt_dir})")
-    if ches_note:
-      progress.message(ches_note)
+    if s.ches_note:
+      progress.message(s.ches_note)
     progress.message(
-        f"alignjax: {algo.name} on {data_name} | devices={jax.devices()} | params={n_params:,} | "
+        f"alignjax: {algo.name} on {s.data_name} | devices={jax.devices()} | params={n_params:,} | "
         f"trainable={n_trainable:,} | "
         f"steps: sft {sft_steps} + preference {cfg.dpo.steps}")
 
     # Non-finite updates are never applied (skip_nonfinite); the loop then stops or goes on.
-    compute = None if cfg.precision.compute_dtype == cfg.precision.param_dtype else cfg.precision.compute_dtype
+    compute = s.compute
     step_kwargs = dict(max_grad_norm=cfg.max_grad_norm, skip_nonfinite=True, mesh=mesh, grad_accum=cfg.grad_accum,
                        compute_dtype=compute, chunk_size=cfg.chunk_size)
     step_fns = {ph.key: steps_lib.make_train_step(policy, ph.tx, ph.loss, ph.reference, **step_kwargs)
@@ -492,31 +643,6 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
     if cfg.diagnostics_every:
       from alignjax.training import diagnostics  # pylint: disable=import-outside-toplevel
       entanglement_fn = diagnostics.make_entanglement_fn(policy, chunk_size=cfg.chunk_size, mesh=mesh)
-    pref_eval = steps_lib.make_eval_step(policy, pref_loss, pref_ref, mesh=mesh, compute_dtype=compute,
-                                         chunk_size=cfg.chunk_size)
-
-    def evaluate_pref(params):
-      return evaluate(pref_eval, params, pref.frozen(), reference_store.get("eval", eval_data), cfg.eval_batch_size,
-                      to_device=to_device)
-
-    def load_reference(params):
-      """Precomputed mode: the reference pass at the start of the preference phase (or its files)."""
-      if precomputed and "train" not in reference_store:
-        reference_store["train"], reference_store["eval"] = _precompute_reference(
-            cfg, workdir, params, policy, train_source, raw_eval, adapt, mesh)
-
-    def start_preference_phase():
-      """The policy after SFT starts the preference phase and is its frozen reference."""
-      params = objects["sft"].params
-      objects["pref"] = steps_lib.TrainState(
-          objects["pref"].step * 0, jax.tree.map(jnp.copy, params), jax.jit(pref.tx.init)(params),
-          objects["pref"].skipped * 0)
-      if "reference" in objects:   # every weight of the policy now (with LoRA: base + the SFT adapters)
-        full = nnx.state(steps_lib.update_model(policy, objects["sft"]), nnx.Param)
-        objects["reference"] = _cast_floats(jax.tree.map(jnp.copy, full), cfg.precision.frozen)
-      if precomputed:
-        reference_store.clear()
-        load_reference(params)
 
     if start > sft_steps:
       load_reference(None)
