@@ -134,3 +134,16 @@ def test_launcher_writes_every_step_and_leaves_the_run_untouched(finished, evalu
   bad = _launch(f"--workdir={workdir}", "--steps=1")
   errors = [l for l in bad.stderr.splitlines() if l.strip() and not l.startswith(("W1", "I1"))]
   assert bad.returncode == 2 and errors == [errors[0]] and errors[0].startswith("error: steps: 1 is inside the SFT")
+
+
+@pytest.mark.parametrize("fields", [{"reference.mode": "precomputed", "sft.steps": 1},
+                                    {"loss.name": "kto", "lora.rank": 2, "lora.alpha": 4.0}],
+                         ids=["precomputed", "kto_lora"])
+def test_other_reference_modes_and_schemas_evaluate_as_the_run(tmp_path, fields):
+  """The precomputed reference log-probs read back from the run's files; LoRA adapters on the
+  base weights with an unpaired (KTO) schema."""
+  cfg = config_lib.build(None, **{**RUN, "sft.steps": 0, "dpo.steps": 2, "checkpoint_every": 2, **fields})
+  result = loop.run(cfg, workdir=str(tmp_path), handle_signals=False)
+  start, final = loop.evaluate_run(str(tmp_path), steps=[cfg.sft.steps, cfg.sft.steps + cfg.dpo.steps])
+  _close(start["metrics"], result["eval_before"])
+  _close(final["metrics"], result["eval_after"])
