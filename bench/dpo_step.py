@@ -2,6 +2,7 @@
 
   python bench/dpo_step.py            # ModelConfig.llama_100m, 8 pairs x (64 + 64) tokens, fp32, CPU
   python bench/dpo_step.py --quick    # tiny smoke run (seconds)
+  python bench/dpo_step.py --dtype=bfloat16   # bf16 compute, fp32 master weights (AMX / GPU)
 
 Each contender runs in its own subprocess (so peak RSS is its own) on the same machine
 in the same invocation, with the same model config (random init, no downloads), the
@@ -13,6 +14,12 @@ same batch shape, AdamW, global-norm clipping 1.0 and an online frozen reference
   over chosen+rejected, ``log_softmax(logits).gather``, reference under ``no_grad``).
 * ``trl``: ``trl.DPOTrainer`` on an in-memory ``datasets.Dataset`` with a local
   word-level tokenizer; step time from a ``TrainerCallback``.
+
+``--dtype=bfloat16``: float32 master weights and optimizer everywhere, bf16 compute:
+alignjax's ``compute_dtype`` (parameters cast inside the step, as
+``precision.compute_dtype`` does), ``torch.autocast("cpu", torch.bfloat16)`` around the
+forwards of the torch loop, and TRL's ``bf16=True`` (the same autocast); the peak is
+then the bf16 matmul throughput (AMX on recent Xeons).
 
 Printed: tokens/s (policy tokens, chosen+rejected, per second), ratios to the torch
 loop, process CPU seconds per step (all threads; on a machine shared with other work it
@@ -42,7 +49,7 @@ import time
 
 from absl import app, flags
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the comparison is on CPU (fp32)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the comparison is on CPU
 
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny model and batch: a smoke test.")
 _WHICH = flags.DEFINE_enum("which", "all", ["all", "alignjax", "torch", "trl", "peak"],
@@ -55,6 +62,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation, allocat
 _CHUNK = flags.DEFINE_integer("chunk", 64, "alignjax: positions per log-prob chunk.")
 _REMAT = flags.DEFINE_string("remat", "none", "alignjax: ModelConfig.remat policy.")
 _THREADS = flags.DEFINE_integer("threads", 0, "torch threads (0: all cores).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype of every contender (master weights and optimizer stay float32).")
 
 LR, BETA, CLIP = 1e-6, 0.1, 1.0
 
@@ -124,7 +133,8 @@ def run_alignjax():
   ref, frozen = reference.online(ref_model)
   del ref_model
   step = steps.make_train_step(policy, tx, algorithms.loss("dpo", beta=BETA), ref,
-                               max_grad_norm=CLIP, chunk_size=_CHUNK.value)
+                               max_grad_norm=CLIP, chunk_size=_CHUNK.value,
+                               compute_dtype=None if _DTYPE.value == "float32" else _DTYPE.value)
   state = steps.init_state(policy, tx)
   del policy
   batch = dpo_batch(pairs, prompt, response, cfg.vocab_size)
@@ -180,11 +190,13 @@ def run_torch():
     return (lp * lmask).sum(-1)
 
   times, cpu = [], []
+  bf16 = _DTYPE.value == "bfloat16"
   for i in range(_WARMUP.value + _STEPS.value):
     t, c = time.perf_counter(), time.process_time()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
       ref_lp = seq_logps(ref_model(input_ids=tokens).logits)
-    lp = seq_logps(policy(input_ids=tokens).logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      lp = seq_logps(policy(input_ids=tokens).logits)
     u = (lp - ref_lp)
     loss = -F.logsigmoid(BETA * (u[:pairs] - u[pairs:])).mean()
     loss.backward()
@@ -241,7 +253,7 @@ def trl_train(policy, ref_model, rows, hf_tok, *, pairs, n_steps, warmup, peft_c
   with tempfile.TemporaryDirectory() as out:
     args = trl.DPOConfig(
         output_dir=out, beta=BETA, learning_rate=LR, max_grad_norm=CLIP, per_device_train_batch_size=pairs,
-        max_steps=n_steps, report_to=[], use_cpu=True, bf16=False, logging_steps=10**6, save_strategy="no",
+        max_steps=n_steps, report_to=[], use_cpu=True, bf16=_DTYPE.value == "bfloat16", logging_steps=10**6, save_strategy="no",
         dataloader_num_workers=0, lr_scheduler_type="constant", warmup_steps=0)
     trainer = trl.DPOTrainer(model=policy, ref_model=ref_model, args=args, peft_config=peft_config,
                              train_dataset=datasets.Dataset.from_list(rows), processing_class=hf_tok,
@@ -273,12 +285,11 @@ def run_trl():
 
 def run_peak():
   import jax
-  import jax.numpy as jnp
   import torch
   _torch_threads()
   n = 512 if _QUICK.value else 2048
   flops = 2 * n ** 3
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.key(0), (n, n), _DTYPE.value)
   mm = jax.jit(lambda x, y: x @ y)
   jax.block_until_ready(mm(a, a))
   ts = []
@@ -287,7 +298,7 @@ def run_peak():
     jax.block_until_ready(mm(a, a))
     ts.append(time.perf_counter() - t)
   jax_peak = flops / min(ts)
-  x = torch.randn(n, n)
+  x = torch.randn(n, n, dtype=getattr(torch, _DTYPE.value))
   torch.mm(x, x)
   ts = []
   for _ in range(5):
@@ -304,7 +315,7 @@ def run_peak():
 def _child(which):
   argv = [sys.executable, os.path.abspath(__file__), f"--which={which}"]
   argv += [f"--{f}={flags.FLAGS[f].value}" for f in
-           ("quick", "pairs", "prompt_len", "response_len", "steps", "warmup", "chunk", "remat", "threads")]
+           ("quick", "pairs", "prompt_len", "response_len", "steps", "warmup", "chunk", "remat", "threads", "dtype")]
   env = dict(os.environ)
   env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + env.get("PYTHONPATH", "")
   proc = subprocess.run(argv, capture_output=True, text=True, env=env)
@@ -325,10 +336,12 @@ def main(argv):
   pairs, prompt, response = _shape()
   n_nonembed = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
   peak = _child("peak")
-  print(f"DPO step, {pairs} pairs x ({prompt}+{response}) tokens, fp32, online reference; "
+  dtype = {"float32": "fp32", "bfloat16": "bf16 compute (fp32 master weights)"}[_DTYPE.value]
+  short = {"float32": "fp32", "bfloat16": "bf16"}[_DTYPE.value]
+  print(f"DPO step, {pairs} pairs x ({prompt}+{response}) tokens, {dtype}, online reference; "
         f"N(non-embedding)={n_nonembed / 1e6:.1f}M, vocab={cfg.vocab_size}, cores={os.cpu_count()}")
   if peak:
-    print(f"measured fp32 matmul peak before the contenders: {peak['peak_flops'] / 1e9:.1f} GFLOP/s "
+    print(f"measured {short} matmul peak before the contenders: {peak['peak_flops'] / 1e9:.1f} GFLOP/s "
           f"(jax {peak['jax_flops'] / 1e9:.1f}, torch {peak['torch_flops'] / 1e9:.1f})", flush=True)
   header = (f"{'':10s} {'step s':>8s} {'cpu s':>7s} {'tokens/s':>10s} {'vs torch':>9s} {'MFU':>6s} "
             f"{'own MFU':>8s} {'peak RSS MB':>12s} {'above base':>11s} {'mem vs TRL':>10s}")
@@ -360,7 +373,7 @@ def main(argv):
   flops = [p["peak_flops"] for p in (peak, after) if p]
   peak_flops = max(flops) if flops else None
   if after:
-    print(f"measured fp32 matmul peak after the contenders: {after['peak_flops'] / 1e9:.1f} GFLOP/s "
+    print(f"measured {short} matmul peak after the contenders: {after['peak_flops'] / 1e9:.1f} GFLOP/s "
           f"(jax {after['jax_flops'] / 1e9:.1f}, torch {after['torch_flops'] / 1e9:.1f}); "
           f"peak used: {peak_flops / 1e9:.1f}")
   print(header)

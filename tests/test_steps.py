@@ -7,6 +7,8 @@ Gradient accumulation, sharding and bf16 are checked as equivalences against the
 plain single-device, single-batch step.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 from flax import nnx
 
 from alignjax.models import ModelConfig, Transformer
-from alignjax.training import algorithms, reference, steps
+from alignjax.training import algorithms, loop, reference, steps
 from tests import numpy_reference as ref_np
 
 VOCAB = 48
@@ -205,8 +207,21 @@ def test_bf16_compute_keeps_float32_master_weights(models):
   state, metrics = step(steps.init_state(policy, tx), batch, frozen)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(state.opt_state))
-  expected = numpy_loss("dpo", policy, ref_model, batch, beta=0.5)
-  np.testing.assert_allclose(float(metrics["loss"]), expected, atol=0.05)
+  np.testing.assert_allclose(float(metrics["loss"]), numpy_loss("dpo", policy, ref_model, batch, beta=0.5), atol=0.05)
+  # The models compute in bf16, activations too (not float32 from bf16-rounded weights):
+  # the same step as on models configured for bf16 compute with float32 weights (what
+  # loop.run builds for precision.compute_dtype=bfloat16), whose projections are bf16 dots.
+  as_bf16 = lambda m: loop.with_numerics(m, dtype="bfloat16", param_dtype="float32", remat=m.config.remat,
+                                         scan_layers=m.config.scan_layers)
+  policy16, ref16 = as_bf16(policy), as_bf16(ref_model)
+  ref16_spec, frozen16 = reference.online(ref16)
+  step16 = steps.make_train_step(policy16, tx, cfg, ref16_spec, compute_dtype=jnp.bfloat16)
+  _, metrics16 = step16(steps.init_state(policy16, tx), batch, frozen16)
+  np.testing.assert_allclose(float(metrics["loss"]), float(metrics16["loss"]), rtol=1e-6)
+  lowered = step.lower(steps.init_state(policy, tx), batch, frozen).as_text()
+  dots = re.findall(r"stablehlo.dot_general .*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", lowered)
+  # (the forward projections; the float32-output einsums' backward dots take float32 cotangents)
+  assert sum(a.endswith("xbf16>") and b.endswith("xbf16>") for a, b in dots) >= 7 * 2, set(dots)
 
 
 def test_eval_step_matches_numpy_and_does_not_update(models):

@@ -1,9 +1,10 @@
-"""The train/eval loop as a library function: :func:`run`.
+"""The train/eval loop as a library function: :func:`run`; :func:`evaluate_run` re-evaluates its steps.
 
 Launchers and notebooks call it the same way::
 
   cfg = config.build(config_dict)                   # validated, typed, frozen
   result = loop.run(cfg, workdir="runs/x", writer=run_lib.metrics_writer("runs/x"))
+  evals = loop.evaluate_run("runs/x", steps=[0, 100])   # any checkpointed step, as the run evaluates
 
 What a run guarantees (every caller gets it):
 

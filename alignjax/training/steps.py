@@ -51,7 +51,9 @@ Arguments:
     handed, for the whole batch, to every micro-batch's objective).
   max_grad_norm: global-norm clipping of the accumulated gradient (None: off).
   compute_dtype: e.g. ``jnp.bfloat16``: parameters are cast for the forward/backward
-    while ``state.params`` (the master weights) keep their dtype (float32).
+    and the models (policy and frozen ones) compute in it (their ``ModelConfig.dtype``:
+    activations and matmul inputs; logits, norms and softmaxes stay float32) while
+    ``state.params`` (the master weights) keep their dtype (float32).
   skip_nonfinite: when the loss, gradient norm or updated parameters are not finite, keep params and
     optimizer state unchanged and count it in ``state.skipped``.
   chunk_size: positions per chunk for label log-probs (no float32 [B, T, V]).
@@ -63,6 +65,7 @@ and the objective's per-example metrics averaged (``rewards/*``, ``logps/*``, ..
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
@@ -207,6 +210,7 @@ def _caster(compute_dtype) -> Optional[Callable]:
 
   def cast(tree):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  cast.dtype = dtype.name   # the models' compute dtype too (_computing_in)
   return cast
 
 
@@ -226,6 +230,23 @@ def _frozen_shardings(reference, mesh, model=None):
   return shardings or None
 
 
+def _computing_in(module, dtype: Optional[str]):
+  """``module`` (merged inside the step) with every ``ModelConfig.dtype`` set to ``dtype``.
+
+  The compute dtype is the activations' dtype (``ModelConfig.dtype``: embeddings, hidden
+  states, matmul inputs); casting the parameters alone would leave a float32-configured
+  model computing in float32 from bf16-rounded weights.
+  """
+  if dtype is None:
+    return module
+  from alignjax.models.config import ModelConfig  # noqa: PLC0415
+  for _, m in nnx.iter_modules(module):
+    for name, value in list(vars(m).items()):
+      if isinstance(value, ModelConfig) and value.dtype != dtype:
+        setattr(m, name, dataclasses.replace(value, dtype=dtype))
+  return module
+
+
 def _context(graph, reference, cast, chunk_size, params, frozen, statistics=None):
   frozen = dict(frozen or {})
   base = frozen.pop(BASE, None)
@@ -233,10 +254,11 @@ def _context(graph, reference, cast, chunk_size, params, frozen, statistics=None
     base = jax.lax.stop_gradient(base)
     base = cast(base) if cast is not None else base
   p = cast(params) if cast is not None else params
-  policy = graph.merge(p, base)
-  models = reference.merge(frozen, cast)
+  dtype = getattr(cast, "dtype", None)
+  policy = _computing_in(graph.merge(p, base), dtype)
+  models = {name: _computing_in(m, dtype) for name, m in reference.merge(frozen, cast).items()}
   if reference.mode == "adapter_off":   # the reference: the policy's own weights with the adapters off
-    models["reference"] = graph.merge(jax.lax.stop_gradient(p), base, adapters=False)
+    models["reference"] = _computing_in(graph.merge(jax.lax.stop_gradient(p), base, adapters=False), dtype)
   return algorithms.Context(policy, models, reference, chunk_size, statistics)
 
 
