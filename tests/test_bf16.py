@@ -76,3 +76,31 @@ def test_bf16_forward_tracks_float32_no_worse_than_transformers(family, tmp_path
   assert ours[1] <= peer[1] + 0.02, (ours, peer)
   assert ours[2] <= 1.05 * peer[2], (ours, peer)
   assert 0.9 < ours[0] and ours[2] > 0  # bf16 does differ from float32, but slightly
+
+
+def test_bf16_weight_products_take_xlas_bf16_kernels_on_cpu_only():
+  """Every bf16 projection matmul (forward, input and weight gradients) lowers for CPU as
+  bf16 x bf16 -> float32 (YNNPACK's bf16 kernels; bf16 -> bf16 dots run upcast to float32)
+  with the float64 products' values to bf16 rounding; other platforms keep the plain dot."""
+  import re
+  import jax
+  from alignjax.models.transformer import _weight_product
+  rng = np.random.default_rng(0)
+  X, W, C = rng.normal(size=(24, 2, 16)), rng.normal(size=(2, 16, 12)), rng.normal(size=(24, 12))
+  x, w = jnp.asarray(X, jnp.bfloat16), jnp.asarray(W, jnp.bfloat16)
+  X, W = np.asarray(x, np.float64).reshape(24, 32), np.asarray(w, np.float64).reshape(32, 12)
+  f = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(_weight_product(x, w, 2).astype(jnp.float32) * C),
+                                 argnums=(0, 1)))
+
+  def close(got, want):
+    got = np.asarray(got, np.float64).reshape(want.shape)
+    np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=2 ** -8 * np.abs(want).max())
+  close(_weight_product(x, w, 2), X @ W)
+  _, (gx, gw) = f(x, w)
+  close(gx, C @ W.T)
+  close(gw, X.T @ C)
+  for platform, out in (("cpu", "f32"), ("tpu", "bf16"), ("cuda", "bf16")):
+    text = f.trace(x, w).lower(lowering_platforms=(platform,)).as_text()
+    dots = re.findall(r"stablehlo.dot_general .*?: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)", text)
+    assert len(dots) == 3, (platform, dots)
+    assert all(a.endswith("xbf16>") and b.endswith("xbf16>") and o.endswith(f"x{out}>") for a, b, o in dots), dots
