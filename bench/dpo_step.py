@@ -283,6 +283,17 @@ def run_trl():
           gradient_checkpointing=bool(trainer.args.gradient_checkpointing))
 
 
+def _best_rate(fn, flops: float) -> float:
+  """``flops`` over the best of 5 timed calls of ``fn`` (after one warm-up call)."""
+  fn()
+  ts = []
+  for _ in range(5):
+    t = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t)
+  return flops / min(ts)
+
+
 def run_peak():
   import jax
   import jax.numpy as jnp
@@ -292,31 +303,13 @@ def run_peak():
   flops = 2 * n ** 3
   a = jax.random.normal(jax.random.key(0), (n, n), _DTYPE.value)
   mm = jax.jit(lambda x, y: x @ y)
-  jax.block_until_ready(mm(a, a))
-  ts = []
-  for _ in range(5):
-    t = time.perf_counter()
-    jax.block_until_ready(mm(a, a))
-    ts.append(time.perf_counter() - t)
-  jax_peak = flops / min(ts)
+  jax_peak = _best_rate(lambda: jax.block_until_ready(mm(a, a)), flops)
   extra = {}
   if _DTYPE.value == "bfloat16":   # XLA's CPU kernels: bf16 x bf16 -> float32 (a faster path) as well
     mm32 = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    jax.block_until_ready(mm32(a, a))
-    ts = []
-    for _ in range(5):
-      t = time.perf_counter()
-      jax.block_until_ready(mm32(a, a))
-      ts.append(time.perf_counter() - t)
-    extra["jax_f32_out_flops"] = flops / min(ts)
+    extra["jax_f32_out_flops"] = _best_rate(lambda: jax.block_until_ready(mm32(a, a)), flops)
   x = torch.randn(n, n, dtype=getattr(torch, _DTYPE.value))
-  torch.mm(x, x)
-  ts = []
-  for _ in range(5):
-    t = time.perf_counter()
-    torch.mm(x, x)
-    ts.append(time.perf_counter() - t)
-  torch_peak = flops / min(ts)
+  torch_peak = _best_rate(lambda: torch.mm(x, x), flops)
   print("RESULT " + json.dumps(dict(name="peak", jax_flops=jax_peak, torch_flops=torch_peak,
                                     peak_flops=max(jax_peak, torch_peak), **extra)), flush=True)
 
