@@ -35,10 +35,7 @@ def _steps(workdir: str):
   if not values:
     return None
   if values == ["all"]:
-    sft = loop.stored_config(workdir).sft.steps
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    saved = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-    return sorted({sft, *(s for s in saved if s > sft)})
+    return loop.evaluable_steps(workdir)
   try:
     return [int(v) for v in values]
   except ValueError:

@@ -99,7 +99,7 @@ def test_bad_steps_are_one_line_errors(finished):
   workdir, _ = finished
   with pytest.raises(config_lib.ConfigError, match=r"^steps: 1 is inside the SFT warm-up \(steps 1\.\.2\)"):
     loop.evaluate_run(workdir, steps=[1])
-  with pytest.raises(config_lib.ConfigError, match=r"^steps: 99 is not a checkpointed step .*available: 1, 2, 3"):
+  with pytest.raises(config_lib.ConfigError, match=r"^steps: 99 is not a checkpointed step .*available: 2, 3, 4, 5, 6\)"):
     loop.evaluate_run(workdir, steps=[99])
   with pytest.raises(config_lib.ConfigError, match=r"^workdir: .* holds no run"):
     loop.evaluate_run(os.path.join(workdir, "missing"))

@@ -235,6 +235,16 @@ def stored_config(workdir: str) -> RunConfig:
   return config_lib.build(None, **flat)
 
 
+def evaluable_steps(workdir: str, cfg: Optional[RunConfig] = None) -> list[int]:
+  """The steps :func:`evaluate_run` accepts: the preference phase's start (step 0 without SFT)
+  and every checkpointed step from there on, in order."""
+  workdir = os.path.abspath(workdir)
+  sft_steps = (cfg or stored_config(workdir)).sft.steps
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  saved = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  return sorted({s for s in saved if s >= sft_steps} | ({0} if sft_steps == 0 else set()))
+
+
 def evaluate_run(workdir: str, *, steps: Optional[Iterable[int]] = None) -> list[dict[str, Any]]:
   """The preference metrics of a run's policy at checkpointed steps, on the run's eval split.
 
@@ -269,20 +279,19 @@ def evaluate_run(workdir: str, *, steps: Optional[Iterable[int]] = None) -> list
   cfg = stored_config(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   sft_steps = cfg.sft.steps
-  saved = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
-  available = ([0] if sft_steps == 0 else []) + saved   # step 0: the initial policy is the preference start
+  available = evaluable_steps(workdir, cfg)
   if steps is None:
-    if not saved:
+    if not any(available):
       raise ConfigError(f"workdir: {workdir} has no checkpointed step yet.")
-    steps = saved[-1:]
+    steps = available[-1:]
   steps = sorted({int(x) for x in steps})
   for step in steps:
+    if 0 < step < sft_steps:
+      raise ConfigError(f"steps: {step} is inside the SFT warm-up (steps 1..{sft_steps}); the preference metrics "
+                        f"start at step {sft_steps}, where the policy after SFT becomes the reference.")
     if step not in available:
       raise ConfigError(f"steps: {step} is not a checkpointed step of {workdir} "
                         f"(available: {', '.join(map(str, available)) or 'none'}).")
-    if step < sft_steps:
-      raise ConfigError(f"steps: {step} is inside the SFT warm-up (steps 1..{sft_steps}); the preference metrics "
-                        f"start at step {sft_steps}, where the policy after SFT becomes the reference.")
   s = _setup(cfg, workdir, train=False)
   ckpt = Checkpointer(ckpt_dir, max_to_keep=cfg.max_checkpoints, warn=_warn) if any(steps) else None
   out = []
