@@ -132,6 +132,27 @@ def pytest_configure(config):
       "alignjax.data.real_assets.build_assets (pip downloads once per machine); deselect with -m 'not real'")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _garbage_collected_per_module():
+  """The cyclic garbage collector runs once per test module, not during its tests.
+
+  A worker's heap (JAX's and NNX's caches, compiled programs, models) grows to millions
+  of objects, and CPython's automatic full collections rescan all of it: measured at
+  18-21 s per worker of a 5-minute suite (30 full passes of ~0.6 s each). Here the
+  collector is off while a module's tests run; when the module is done (after its own
+  fixtures are torn down) one collection frees its cycles and the survivors are frozen
+  (``gc.freeze``), so later collections skip them. Same peak memory (4.4-4.7 GB per
+  worker either way); reference counting frees everything else as usual.
+  """
+  gc.disable()
+  try:
+    yield
+  finally:
+    gc.collect()
+    gc.freeze()
+    gc.enable()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session):
   """An xdist worker's tests are done: collect its garbage now, then freeze the heap.
