@@ -2,10 +2,14 @@ r"""Decoding speed: alignjax's sampler vs transformers ``generate`` (and Tunix's
 
   python bench/decoding.py                 # tiny + ~100M Llama, B=1 and B=8, 32 + 128 tokens
   python bench/decoding.py --quick         # smoke test: tiny model, few tokens
+  python bench/decoding.py --dtype=bfloat16  # bf16 weights, cache and compute for every peer
 
 For each model size the same random weights are used by every peer: an alignjax
 ``ModelConfig`` preset is initialised randomly, exported with ``models.to_hf`` and loaded
-by transformers (float32, eval mode) and again by ``models.from_hf``. Greedy decoding,
+by transformers (eval mode) and again by ``models.from_hf``, both in ``--dtype``: float32,
+or bfloat16 weights, KV cache and matmuls (``from_hf(dtype=bfloat16)``; transformers'
+``dtype=torch.bfloat16``). In bf16 the two greedy decodes may part ways after a near tie
+(rounding differs), so ``agree`` can fall below 100% without either being wrong. Greedy decoding,
 no EOS, so every row generates exactly ``--new_tokens`` tokens. Prints tokens/s (median
 of ``--repeats`` timed calls after one warm-up call), the ratio to transformers, whether
 the greedy tokens agree with transformers, and the number of XLA compilations during
@@ -13,7 +17,7 @@ the warm-up and the timed calls (0 expected for the latter).
 
 Roofline: a decode step reads every weight once (the matmul parameters, LM head included;
 the embedding rows looked up are negligible) plus the KV cache (K and V of every layer,
-mean length ``prompt + new / 2``). ``bytes/step`` is that sum; the floor is
+mean length ``prompt + new / 2``), at ``--dtype``'s size. ``bytes/step`` is that sum; the floor is
 ``bytes/step / bandwidth``, the bandwidth measured here as the read rate of a jitted sum
 over a 256 MiB array (a decode step reads; an elementwise copy into a fresh output also
 pays for first-touching its pages and understates the rate ~3x on CPU); ``roofline`` =
@@ -23,7 +27,9 @@ measurement taken while other work loads the machine understates it). ``cpu ms/s
 is the process CPU time (all threads) per new token, which moves less than the wall time
 when the machine is shared. ``XLA matmul GB/s`` / ``torch matmul GB/s``: the rate at
 which each library's matmul alone reads the layers' projection weights for B rows
-(:func:`matmul_stream_rates`), the kernels' own ceiling under the roofline.
+(:func:`matmul_stream_rates`), the kernels' own ceiling under the roofline; in bf16 the
+XLA one is the product alignjax's CPU projections compute (bf16 x bf16 -> float32,
+rounded to bf16).
 
 Tunix (``google-tunix``) is benchmarked when it can be imported (its sampler module only;
 tunix/__init__.py, which pulls in its trainers, is bypassed); its sampler takes text, so a
@@ -57,7 +63,9 @@ _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "New tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median).")
-_TUNIX = flags.DEFINE_bool("tunix", True, "Also time Tunix's sampler when importable.")
+_TUNIX = flags.DEFINE_bool("tunix", True, "Also time Tunix's sampler when importable (float32 only).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Weights, KV cache and compute dtype of every peer.")
 
 
 class CompileCounter:
@@ -108,26 +116,33 @@ def read_bandwidth() -> float:
   return 4 * n / _best_time(lambda: jax.block_until_ready(total(x)), 10)
 
 
-def matmul_stream_rates(hf, batch: int, repeats: int = 5) -> tuple[float, float]:
+def matmul_stream_rates(hf, batch: int, repeats: int = 5, dtype: str = "float32") -> tuple[float, float]:
   """Bytes/s at which XLA's and torch's matmuls read this model's projection weights for ``batch`` rows.
 
   The decoder layers' ``nn.Linear`` weights of the transformers model (the LM head left
   out), each multiplied once by a ``[batch, in]`` activation as a decode step does: XLA
   with the weight in alignjax's ``[in, out]`` layout (``jnp.dot``, one jitted program for
   all of them), torch with its own ``[out, in]`` (``F.linear``). Best of ``repeats``. The
-  ratio of the two is the kernels' share of the gap between the samplers.
+  ratio of the two is the kernels' share of the gap between the samplers. In bfloat16 the
+  XLA product accumulates into float32 and rounds to bf16, as alignjax's CPU projections do.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  weights = [m.weight.detach() for name, m in hf.named_modules()
+  tdt = getattr(torch, dtype)
+  weights = [m.weight.detach().to(tdt) for name, m in hf.named_modules()
              if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
-  nbytes = 4 * sum(w.numel() for w in weights)
-  ours = [jnp.asarray(w.numpy().T) for w in weights]
+  nbytes = weights[0].element_size() * sum(w.numel() for w in weights)
+  ours = [jnp.asarray(w.float().numpy().T, dtype) for w in weights]
   xs = {k: np.random.default_rng(0).standard_normal((batch, k), np.float32) for k in {w.shape[1] for w in weights}}
-  products = jax.jit(lambda xs, ws: [jnp.dot(xs[w.shape[0]], w) for w in ws])
-  jx = {k: jnp.asarray(v) for k, v in xs.items()}
-  tx = {k: torch.from_numpy(v) for k, v in xs.items()}
+  if dtype == "float32":
+    product = jnp.dot
+  else:
+    def product(x, w):
+      return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(w.dtype)
+  products = jax.jit(lambda xs, ws: [product(xs[w.shape[0]], w) for w in ws])
+  jx = {k: jnp.asarray(v, dtype) for k, v in xs.items()}
+  tx = {k: torch.from_numpy(v).to(tdt) for k, v in xs.items()}
   t_xla = _best_time(lambda: jax.block_until_ready(products(jx, ours)), repeats)
   with torch.no_grad():
     t_torch = _best_time(lambda: [torch.nn.functional.linear(tx[w.shape[1]], w) for w in weights], repeats)
@@ -197,6 +212,8 @@ def main(argv):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from transformers import AutoModelForCausalLM  # pylint: disable=import-outside-toplevel
 
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from alignjax import decoding, models  # pylint: disable=import-outside-toplevel
 
   quick = _QUICK.value
@@ -204,10 +221,13 @@ def main(argv):
   batches = [1, 2] if quick else [int(b) for b in _BATCHES.value]
   P, N = (8, 8) if quick else (_PROMPT.value, _NEW.value)
   repeats = 1 if quick else _REPEATS.value
+  dtype = _DTYPE.value
+  itemsize = jnp.dtype(dtype).itemsize
   counter = CompileCounter()
-  tunix_mods, tunix_reason = _tunix_sampler_cls() if _TUNIX.value else (None, "--notunix")
+  tunix_mods, tunix_reason = ((None, "--notunix") if not _TUNIX.value else
+                              (None, "float32 only in this script") if dtype != "float32" else _tunix_sampler_cls())
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads); prompt {P}, new {N}, greedy")
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); prompt {P}, new {N}, greedy, {dtype}")
   if tunix_mods is None:
     print(f"Tunix: skipped ({tunix_reason})")
   bandwidth = read_bandwidth()
@@ -219,8 +239,8 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:
       hf_dir = os.path.join(tmp, "hf")
       models.to_hf(models.Transformer(cfg, rngs=nnx.Rngs(0)), hf_dir)
-      hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-      model = models.from_hf(hf_dir)
+      hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
+      model = models.from_hf(hf_dir, dtype=dtype)
       tunix_model, tunix_err = None, None
       if tunix_mods is not None:
         try:
@@ -256,8 +276,8 @@ def main(argv):
         t_hf = _median_time(run_hf, repeats, cpu_hf)
         agree = float(np.mean(ours == theirs))
         tok = B * N
-        xla_rate, torch_rate = matmul_stream_rates(hf, B)
-        step_bytes = bytes_per_step(cfg, B, P + N / 2)
+        xla_rate, torch_rate = matmul_stream_rates(hf, B, dtype=dtype)
+        step_bytes = bytes_per_step(cfg, B, P + N / 2, itemsize)
         floor = step_bytes / bandwidth
         line = {"size": size, "B": B, "alignjax tok/s": tok / t_ours, "transformers tok/s": tok / t_hf,
                 "ratio vs transformers": t_hf / t_ours, "agree": agree, "MB/step": step_bytes / 1e6,
