@@ -136,13 +136,19 @@ def pytest_configure(config):
 def _garbage_collected_per_module():
   """The cyclic garbage collector runs once per test module, not during its tests.
 
-  A worker's heap (JAX's and NNX's caches, compiled programs, models) grows to millions
-  of objects, and CPython's automatic full collections rescan all of it: measured at
-  18-21 s per worker of a 5-minute suite (30 full passes of ~0.6 s each). Here the
-  collector is off while a module's tests run; when the module is done (after its own
-  fixtures are torn down) one collection frees its cycles and the survivors are frozen
-  (``gc.freeze``), so later collections skip them. Same peak memory (4.4-4.7 GB per
-  worker either way); reference counting frees everything else as usual.
+  A worker's heap (JAX's and NNX's caches, compiled programs, models) grows to over half
+  a million objects within a few modules, and CPython's automatic full collections rescan
+  all of it: measured at 18-21 s per worker of a 5-minute suite (30 full passes of ~0.6 s
+  each). Here the collector is off while a module's tests run; when the module is done
+  (after its own fixtures are torn down) one collection frees its cycles and the survivors
+  are frozen (``gc.freeze``), so later collections skip them: ~3.5 s per worker, the same
+  peak memory (4.4-4.7 GB per worker either way); reference counting frees everything
+  else as usual. Unraisable exceptions found by that collection are still reported.
+
+  This also keeps pytest's two collections at shutdown short: over an unfrozen worker
+  heap each took 1.5-4 s, and execnet sends SIGINT to a worker still busy 5 s after the
+  run has ended, which surfaced as a ``KeyboardInterrupt`` warning from inside JAX's gc
+  callback.
   """
   gc.disable()
   try:
@@ -151,22 +157,6 @@ def _garbage_collected_per_module():
     gc.collect()
     gc.freeze()
     gc.enable()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionfinish(session):
-  """An xdist worker's tests are done: collect its garbage now, then freeze the heap.
-
-  pytest collects garbage twice at shutdown (to surface unraisable exceptions); over a
-  worker's heap (JAX and NNX caches, models) each pass takes 1.5-4 s on two cores, and
-  execnet sends SIGINT to a worker still busy 5 s after the run has ended, which
-  surfaced as a ``KeyboardInterrupt`` warning from inside JAX's gc callback. Collected
-  here, before the worker reports that it has finished, any unraisable exception is
-  still reported, and the shutdown passes only scan what is new.
-  """
-  if hasattr(session.config, "workerinput"):
-    gc.collect()
-    gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
