@@ -123,24 +123,22 @@ def matmul_stream_rates(hf, batch: int, repeats: int = 5, dtype: str = "float32"
   out), each multiplied once by a ``[batch, in]`` activation as a decode step does: XLA
   with the weight in alignjax's ``[in, out]`` layout (``jnp.dot``, one jitted program for
   all of them), torch with its own ``[out, in]`` (``F.linear``). Best of ``repeats``. The
-  ratio of the two is the kernels' share of the gap between the samplers. In bfloat16 the
-  XLA product accumulates into float32 and rounds to bf16, as alignjax's CPU projections do.
+  ratio of the two is the kernels' share of the gap between the samplers. The XLA product
+  is alignjax's own projection product (``transformer._weight_product``; in bfloat16 on
+  CPU it accumulates into float32 and rounds to bf16).
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
+
+  from alignjax.models.transformer import _weight_product  # pylint: disable=import-outside-toplevel
   tdt = getattr(torch, dtype)
   weights = [m.weight.detach().to(tdt) for name, m in hf.named_modules()
              if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
   nbytes = weights[0].element_size() * sum(w.numel() for w in weights)
   ours = [jnp.asarray(w.float().numpy().T, dtype) for w in weights]
   xs = {k: np.random.default_rng(0).standard_normal((batch, k), np.float32) for k in {w.shape[1] for w in weights}}
-  if dtype == "float32":
-    product = jnp.dot
-  else:
-    def product(x, w):
-      return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(w.dtype)
-  products = jax.jit(lambda xs, ws: [product(xs[w.shape[0]], w) for w in ws])
+  products = jax.jit(lambda xs, ws: [_weight_product(xs[w.shape[0]], w, 1) for w in ws])
   jx = {k: jnp.asarray(v, dtype) for k, v in xs.items()}
   tx = {k: torch.from_numpy(v).to(tdt) for k, v in xs.items()}
   t_xla = _best_time(lambda: jax.block_until_ready(products(jx, ours)), repeats)
