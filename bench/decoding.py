@@ -121,11 +121,11 @@ def matmul_stream_rates(hf, batch: int, repeats: int = 5, dtype: str = "float32"
 
   The decoder layers' ``nn.Linear`` weights of the transformers model (the LM head left
   out), each multiplied once by a ``[batch, in]`` activation as a decode step does: XLA
-  with the weight in alignjax's ``[in, out]`` layout (``jnp.dot``, one jitted program for
-  all of them), torch with its own ``[out, in]`` (``F.linear``). Best of ``repeats``. The
-  ratio of the two is the kernels' share of the gap between the samplers. The XLA product
-  is alignjax's own projection product (``transformer._weight_product``; in bfloat16 on
-  CPU it accumulates into float32 and rounds to bf16).
+  with the weight in alignjax's ``[in, out]`` layout (alignjax's own projection product,
+  ``transformer._weight_product``: in bfloat16 on CPU it accumulates into float32 and
+  rounds to bf16; one jitted program for all of them), torch with its own ``[out, in]``
+  (``F.linear``). Best of ``repeats``. The ratio of the two is the kernels' share of the
+  gap between the samplers.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
