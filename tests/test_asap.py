@@ -161,6 +161,27 @@ def test_trie_capacity_grows_and_dead_ends_count_zero():
   np.testing.assert_array_equal(trie.child_row[0, [1, 3]], [trie.find((1,)), trie.find((3,))])
 
 
+def test_trie_with_the_dfa_sums_complete_nodes_over_their_children():
+  """A node whose allowed tokens are all expanded gets Σ p_c EFG_c, as the authors' TrieNode sums
+  its allowed children: the sampler's float32 log-mass of the allowed tokens (1e-7 off their
+  p_c here) must not enter it, or a tiny EFG (1e-6) comes out several percent off."""
+  eos = 5
+  dfa = decoding.dfa_from_sequences([(3, 4), (1,)], 6)  # root allows 1 and 3; (3,) allows 4 only
+  trie = Trie(vocab_size=6, capacity=4, constraint=dfa, eos_token_ids=(eos,))
+  p3, p4, p_eos = 0.2, 0.3, 1e-6
+  lm = np.log
+  trie.update(np.array([3, 4, eos]), np.ones(3, bool), lm([0.45, p4 * (1 + 1e-7), p_eos]), lm([p3, p4, p_eos]),
+              (eos,))
+  np.testing.assert_allclose(trie.efg((3, 4)), p_eos, rtol=1e-12)  # only EOS allowed: its mass
+  np.testing.assert_allclose(trie.efg((3,)), p4 * p_eos, rtol=1e-12)  # complete: 4 is its only token
+  # The root is not complete (token 1 unexplored): its 0.45 - p3 counts 1 per unit of mass.
+  np.testing.assert_allclose(trie.efg(), (0.45 - p3) + p3 * p4 * p_eos, rtol=1e-12)
+  trie.update(np.array([1, eos, 0]), np.array([True, True, False]), lm([0.45, 0.25, 1.0]), lm([0.25, 0.25, 1.0]),
+              (eos,))
+  np.testing.assert_allclose(trie.efg(), p3 * p4 * p_eos + 0.25 * 0.25, rtol=1e-12)  # complete now
+  np.testing.assert_allclose(trie.log_efg[0], np.log(p3 * p4 * p_eos + 0.25 * 0.25), rtol=1e-6)
+
+
 def test_bad_inputs_raise_one_line_errors(setup):
   dfa = setup["dfa"]
   cases = [

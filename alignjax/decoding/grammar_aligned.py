@@ -85,18 +85,15 @@ class _AsapRule:
 
 
 class _Node:
-  __slots__ = ("parent", "p_in", "mass", "extra", "children")
+  __slots__ = ("parent", "p_in", "state", "mass", "value", "children")
 
-  def __init__(self, parent: int, p_in: float):
+  def __init__(self, parent: int, p_in: float, state: int):
     self.parent = parent  # row of the parent (-1 for the root)
     self.p_in = p_in  # p(token into this node | parent's prefix)
+    self.state = state  # DFA state after the prefix (-1: no DFA given)
     self.mass = None  # Σ_{v allowed} p(v | prefix); None until expanded
-    self.extra = 0.0  # Σ_{expanded children c} p_c (EFG~_c - 1)
+    self.value = 1.0  # the EFG estimate (1 until expanded)
     self.children: dict[int, int] = {}  # token -> row of expanded children
-
-  @property
-  def efg(self) -> float:
-    return 1.0 if self.mass is None else self.mass + self.extra
 
 
 class Trie:
@@ -105,11 +102,28 @@ class Trie:
   Rows are the expanded prefixes (the root is row 0). ``efg(prefix)`` is the estimate of
   the expected future grammaticality of a token prefix (1 if never expanded); at the
   root it estimates P(a sample is grammatical) from above.
+
+  An expanded node's estimate is ``Σ_{expanded children c} p_c EFG~_c`` plus the mass of
+  its allowed tokens not expanded yet (EOS included), ``mass - Σ_c p_c``. With the DFA
+  (``constraint``, ``eos_token_ids``; ASAp passes them) a node whose allowed tokens are
+  all expanded children (EOS not allowed) has no such mass: its estimate is the sum over
+  its children alone, as the authors' ``TrieNode`` sums every allowed child. Without the
+  DFA the difference ``mass - Σ_c p_c`` of float32 log-probs stays, which is ~1e-8 of
+  ``mass`` and swamps estimates that small (a grammar of probability 1e-6).
   """
 
-  def __init__(self, vocab_size: int, capacity: int):
+  def __init__(self, vocab_size: int, capacity: int, constraint: Optional[constraints_lib.TokenDFA] = None,
+               eos_token_ids: Sequence[int] = ()):
     self.vocab_size = vocab_size
-    self.nodes = [_Node(-1, 1.0)]
+    start = -1
+    if constraint is not None:
+      self._transitions = np.asarray(constraint.transitions)
+      self._accepting = np.asarray(constraint.accepting, bool)
+      expandable = self._transitions >= 0
+      expandable[:, [e for e in eos_token_ids if 0 <= e < vocab_size]] = False  # EOS ids: accepting states only
+      self._num_expandable = expandable.sum(axis=1)
+      start = int(np.asarray(constraint.start))
+    self.nodes = [_Node(-1, 1.0, start)]
     self.child_row = np.full((capacity, vocab_size), -1, np.int32)
     self.log_efg = np.zeros((capacity,), np.float32)
     self.device_tables = None  # cached device copies, reset when the trie changes
@@ -127,30 +141,38 @@ class Trie:
 
   def efg(self, prefix: Sequence[int] = ()) -> float:
     row = self.find(prefix)
-    return 1.0 if row is None else self.nodes[row].efg
+    return 1.0 if row is None else self.nodes[row].value
 
   def _add_child(self, row: int, tok: int, p_in: float) -> int:
     new = len(self.nodes)
     if new >= self.child_row.shape[0]:  # double the capacity (a new program shape)
       self.child_row = np.concatenate([self.child_row, np.full_like(self.child_row, -1)])
       self.log_efg = np.concatenate([self.log_efg, np.zeros_like(self.log_efg)])
-    self.nodes.append(_Node(row, p_in))
-    self.nodes[row].children[tok] = new
+    parent = self.nodes[row]
+    state = int(self._transitions[parent.state, tok]) if parent.state >= 0 else -1
+    self.nodes.append(_Node(row, p_in, state))
+    parent.children[tok] = new
     self.child_row[row, tok] = new
     return new
 
-  def _set_efg(self, row: int, old: float):
-    """Propagate a change of node `row`'s estimate (from `old`) to the root."""
-    while True:
+  def _complete(self, node: _Node) -> bool:
+    """Every allowed token of the node's prefix has an expanded child (and EOS is not allowed)."""
+    return (node.state >= 0 and not self._accepting[node.state]
+            and len(node.children) == self._num_expandable[node.state])
+
+  def _refresh(self, row: int):
+    """Recompute the estimates of node ``row`` and its ancestors (children before parents)."""
+    while row >= 0:
       node = self.nodes[row]
-      new = node.efg
-      self.log_efg[row] = -np.inf if new <= 0 else math.log(new)
-      if node.parent < 0 or new == old:
-        return
-      parent = self.nodes[node.parent]
-      parent_old = parent.efg
-      parent.extra += node.p_in * (new - old)
-      row, old = node.parent, parent_old
+      if node.mass is not None:
+        kids = [self.nodes[c] for c in node.children.values()]
+        rest = 0.0 if self._complete(node) else max(node.mass - math.fsum(c.p_in for c in kids), 0.0)
+        value = rest + math.fsum(c.p_in * c.value for c in kids)
+        if value != node.value:
+          node.value = value
+          self.log_efg[row] = -np.inf if value <= 0 else math.log(value)
+          self.device_tables = None
+      row = node.parent
 
   def update(self, tokens, mask, log_mass, model_logprobs, eos_ids):
     """Add one sample's path: its tokens [N], mask [N] and the per-step log-masses and
@@ -163,10 +185,7 @@ class Trie:
     for i in range(visited):
       node = self.nodes[row]
       if node.mass is None:
-        old = node.efg
         node.mass = float(np.exp(np.float64(log_mass[i])))
-        self._set_efg(row, old)
-        self.device_tables = None
       if i >= n_emit or i + 1 >= visited:
         break  # a dead end, or the next prefix is never expanded (EOS, or cut off)
       tok = int(tokens[i])
@@ -175,6 +194,7 @@ class Trie:
         child = self._add_child(row, tok, float(np.exp(np.float64(model_logprobs[i]))))
         self.device_tables = None
       row = child
+    self._refresh(row)
 
 
 class ASAp:
@@ -228,7 +248,7 @@ class ASAp:
     """The trie of one prompt (``[T]`` token ids), created empty on first use."""
     key = tuple(int(t) for t in np.asarray(prompt_tokens).reshape(-1))
     if key not in self._tries:
-      self._tries[key] = Trie(self.vocab_size, self.capacity)
+      self._tries[key] = Trie(self.vocab_size, self.capacity, self.constraint, self.eos_token_ids)
     return self._tries[key]
 
   def sample(self, prompt_tokens, rng, *, num_samples: int = 1,
