@@ -24,6 +24,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from alignjax import aot  # noqa: E402
 from alignjax.models import ModelConfig, Transformer, presets  # noqa: E402
+from tests.conftest import xla_flags  # noqa: E402
 
 pytestmark = pytest.mark.no_compilation_cache  # tests/conftest.py
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +250,7 @@ def test_emit_config_round_trip_runs_on_fake_devices(tmp_path):
   flat = config_lib.flatten(cfg)
   assert {k: flat[k] for k in want} == want
   env = dict(__import__("os").environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS=xla_flags(4))
   proc = subprocess.run([py, "-m", "launch.train", f"--config={path}", f"--workdir={tmp_path / 'run'}",
                          "--config.model.preset=llama_tiny", "--config.sft.steps=1", "--config.dpo.steps=2",
                          "--config.data.train_examples=64", "--config.data.eval_examples=8",

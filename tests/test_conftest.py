@@ -1,4 +1,4 @@
-"""The suite's own machinery in tests/conftest.py: pruning the persistent compilation cache.
+"""The suite's own machinery in tests/conftest.py: pruning the persistent compilation cache, XLA_FLAGS.
 
 Reference: files with access times set by ``os.utime``; the survivors are worked out
 by hand from those times and sizes, not by the pruning code.
@@ -30,3 +30,14 @@ def test_prune_leaves_a_cache_within_its_bound_and_a_missing_one_alone(tmp_path)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a-cache", "b-cache"]
   assert conftest.prune_compilation_cache(str(tmp_path / "absent"), max_bytes=1) == 0
 
+
+def test_xla_flags_keep_the_callers_and_add_the_compile_flags_and_devices_once():
+  got = conftest.xla_flags(4, "--xla_backend_optimization_level=2 --xla_dump_to=/tmp/x").split()
+  assert got[:2] == ["--xla_backend_optimization_level=2", "--xla_dump_to=/tmp/x"]  # the caller's win
+  assert "--xla_force_host_platform_device_count=4" in got
+  names = [f.split("=")[0] for f in got]
+  assert len(names) == len(set(names))
+  assert set(conftest.FAST_COMPILE_XLA_FLAGS) - {"--xla_backend_optimization_level=1"} <= set(got)
+  assert conftest.xla_flags(2, "--xla_force_host_platform_device_count=8").split().count(
+      "--xla_force_host_platform_device_count=8") == 1
+  assert "device_count" not in conftest.subprocess_env()["XLA_FLAGS"]

@@ -18,6 +18,7 @@ import pytest
 from alignjax.training import config as config_lib
 from alignjax.training import loop
 from tests import numpy_reference as ref
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT, DPO, BETA = 2, 4, 0.1
@@ -111,8 +112,7 @@ def _tree(workdir):
 
 
 def _launch(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  env.pop("XLA_FLAGS", None)
+  env = subprocess_env(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   return subprocess.run([sys.executable, "-m", "launch.evaluate", *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
 

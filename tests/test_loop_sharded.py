@@ -5,7 +5,6 @@ Reference: the single-device, single-process, uninterrupted run of the same conf
 """
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 from alignjax.training import config as config_lib
 from alignjax.training import loop
 from alignjax.training import runtime as run_lib
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_mesh_must_divide_the_batches():
 _WORKER = r"""
 import os, sys, json
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
@@ -94,7 +94,7 @@ def test_two_processes_train_like_one(tmp_path, single):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   overrides = {**BASE, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   procs = [subprocess.Popen(
       [sys.executable, "-c", _WORKER, f"127.0.0.1:{port}", str(i), json.dumps(overrides), str(tmp_path), str(ROOT)],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests import hf_fixtures
-from tests.conftest import ROOT
+from tests.conftest import ROOT, subprocess_env
 
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 
@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 def _run_two_processes(hf_dir, out_dir, timeout=120):
   port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env = {k: v for k, v in subprocess_env().items() if k != "JAX_PLATFORMS"}
   procs = [
       subprocess.Popen([sys.executable, WORKER, str(i), str(port), hf_dir, out_dir], env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -8,7 +8,6 @@ resumed, what is on disk.
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 from alignjax.training import config as config_lib
 from alignjax.training import loop
 from alignjax.training import runtime as run_lib
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
@@ -46,9 +46,8 @@ def flags(**overrides):
 def env():
   # The launcher subprocesses share the suite's persistent compilation cache (tests/conftest.py
   # exports its JAX_COMPILATION_CACHE_* settings).
-  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  e.pop("XLA_FLAGS", None)  # one device is enough for the launcher
-  return e
+  # One device is enough for the launcher.
+  return subprocess_env(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
 
 
 def launch(*args, cwd=ROOT, timeout=300):
