@@ -108,8 +108,8 @@ class Trie:
   (``constraint``, ``eos_token_ids``; ASAp passes them) a node whose allowed tokens are
   all expanded children (EOS not allowed) has no such mass: its estimate is the sum over
   its children alone, as the authors' ``TrieNode`` sums every allowed child. Without the
-  DFA the difference ``mass - Σ_c p_c`` of float32 log-probs stays, which is ~1e-8 of
-  ``mass`` and swamps estimates that small (a grammar of probability 1e-6).
+  DFA the difference ``mass - Σ_c p_c`` of float32 log-probs stays: its rounding, ~1e-7
+  of ``mass``, swamps tiny estimates (a grammar of probability 1e-6).
   """
 
   def __init__(self, vocab_size: int, capacity: int, constraint: Optional[constraints_lib.TokenDFA] = None,
