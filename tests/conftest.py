@@ -4,11 +4,11 @@ import gc
 import os
 
 # XLA's CPU compiler set for compile time: the legacy elemental emitters instead of the MLIR
-# fusion emitters, LLVM at -O1 without its expensive passes. A tiny model's train step compiles
-# ~2x faster and runs as fast (measured on tiny DPO/IPO/TDPO2 steps, eval steps and samplers);
-# a cold suite compiles ~5,000 programs. -O0 would compile ~3.5x faster but run the tiny
-# programs ~2.5x slower, which cost the warm suite more than it saved. JAX's programs are the
-# same; only XLA's CPU code generation differs. The test processes and the launchers, notebooks
+# fusion emitters, LLVM at -O1 without its expensive passes. Test-sized train and eval steps
+# and samplers compile in 0.4-0.5x the time and run about as fast (bench/suite_compile.py);
+# a cold suite compiles ~5,000 programs. -O0 would compile in 0.25x the time but run them
+# ~2.2x slower, which cost the warm suite more than it saved. JAX's programs are the same;
+# only XLA's CPU code generation differs. The test processes and the launchers, notebooks
 # and workers they start use these flags; a user's runs and the bench/ scripts keep XLA's
 # defaults. ALIGNJAX_TEST_FAST_COMPILE=0 runs the suite with the defaults too.
 FAST_COMPILE_XLA_FLAGS = () if os.environ.get("ALIGNJAX_TEST_FAST_COMPILE") == "0" else (
