@@ -121,6 +121,42 @@ def test_step_loss_matches_numpy_reference(models, name):
   assert bool(metrics["finite"]) and float(metrics["grad_norm"]) > 0
 
 
+def test_a_hyperparameter_sweep_runs_one_compiled_program(models):
+  """Traced beta/alpha: other values reuse the compiled step, and a new step lowers to the same program."""
+  policy, ref_model = models
+  batch = make_batch(np.random.default_rng(2))
+  ref, frozen = reference.online(ref_model)
+  tx = optax.adam(1e-3)
+  state = steps.init_state(policy, tx)
+  traces = []   # one per program jit builds (and compiles or finds in the persistent cache)
+
+  def count(event, duration, **kwargs):
+    if event == "/jax/core/compile/jaxpr_trace_duration" and "train_step" in kwargs.get("fun_name", ""):
+      traces.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    step = steps.make_train_step(policy, tx, algorithms.loss("tdpo2", beta=0.5, alpha=0.5), ref, chunk_size=4,
+                                 donate=False)
+    for beta, alpha in ((0.5, 0.5), (0.2, 1.0), (1.5, 0.0)):
+      swept = step.with_hparams(beta=beta, alpha=alpha)
+      assert swept.hparams == algorithms.loss("tdpo2", beta=beta, alpha=alpha).hparams
+      _, metrics = swept(state, batch, frozen)
+      expected = numpy_loss("tdpo2", policy, ref_model, batch, beta=beta, alpha=alpha)
+      np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=2e-5, atol=2e-6)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  assert len(traces) == 1
+  # A step made anew at other values is the same program: the persistent compilation cache serves it.
+  other = steps.make_train_step(policy, tx, algorithms.loss("tdpo2", beta=0.2, alpha=1.0), ref, chunk_size=4,
+                                donate=False)
+  assert other.lower(state, batch, frozen).as_text() == step.lower(state, batch, frozen).as_text()
+  with pytest.raises(ValueError, match=r"\['average_log_prob'\] are static"):
+    step.with_hparams(average_log_prob=True)
+  with pytest.raises(ValueError, match="alpha"):
+    step.with_hparams(alpha=-1.0)
+
+
 def test_dpo_sgd_update_matches_plain_jax_grad(models):
   policy, ref_model = models
   batch = make_batch(np.random.default_rng(2))
@@ -236,6 +272,12 @@ def test_eval_step_matches_numpy_and_does_not_update(models):
   np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=2e-5, atol=2e-6)
   pc = numpy_seq_logps(policy, batch, "chosen")
   np.testing.assert_allclose(float(metrics["logps/chosen"]), pc.mean(), rtol=1e-5)
+  # Robust DPO at another label-flip rate: the same compiled eval step, the traced eps.
+  robust = steps.make_eval_step(policy, algorithms.loss("dpo", beta=0.2, label_smoothing=0.1, robust=True), ref)
+  for eps in (0.1, 0.3):
+    metrics = robust.with_hparams(label_smoothing=eps)(params, batch, frozen)
+    expected = numpy_loss("dpo", policy, ref_model, batch, beta=0.2, label_smoothing=eps, robust=True)
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=2e-5, atol=2e-6)
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,14 @@ API (exact signatures)::
   make_train_step(model, tx, loss, reference, *, mesh=None, grad_accum=1,
                   max_grad_norm=None, compute_dtype=None, skip_nonfinite=False,
                   chunk_size=128, donate=True)
-      -> jitted ``train_step(state, batch, frozen) -> (state, metrics)``
+      -> Step ``train_step(state, batch, frozen) -> (state, metrics)``
   make_eval_step(model, loss, reference, *, mesh=None, compute_dtype=None,
                  chunk_size=128)
-      -> jitted ``eval_step(params, batch, frozen) -> metrics``
+      -> Step ``eval_step(params, batch, frozen) -> metrics``
+  Step: a ``jax.jit`` function whose loss hyper-parameters are inputs.
+      ``step(*args)``, ``step.lower(*args).compile()(*args)`` (AOT) as a jitted
+      function's; ``step.hparams`` (the dataclass); ``step.with_hparams(beta=0.5)``
+      -> a Step running the same compiled program at other values.
   make_reference_logps_fn(model, *, chunk_size=128, mesh=None)
       -> jitted ``fn(params, batch) -> {reference_{side}_{logps,mean_logps}: [B]}`` (every side of the batch)
 
@@ -34,6 +38,10 @@ Arguments:
   tx: an ``optax.GradientTransformation`` (schedules inside it count applied updates).
   loss: an :class:`alignjax.training.algorithms.Loss` (``algorithms.loss(name, **hparams)``):
     the algorithm's objective, batch schema and needs, with its hyper-parameters.
+    Its float hyper-parameters (``Algorithm.traced_hparams``: beta, label smoothing,
+    TDPO's alpha, ...) are inputs of the compiled program, not constants in it: runs
+    that differ only in them (a beta sweep) compile one program, which JAX's
+    persistent compilation cache then serves to every run of the sweep.
   reference: a :class:`alignjax.training.reference.Reference` (the first element of
     ``reference.online(ref_model)``, ``teachers(dpo=, contrast=)``, ``precomputed()``,
     ``free()`` or ``none()``); the second element, ``frozen`` (dict name -> nnx.State of
@@ -65,6 +73,7 @@ and the objective's per-example metrics averaged (``rewards/*``, ``logps/*``, ..
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
@@ -221,6 +230,11 @@ def _batch_sharding(mesh):
   return sharding_lib.batch_sharding(mesh, ndim=1)  # a prefix spec: fits [B] and [B, T] leaves
 
 
+def _replicated(mesh):
+  """The traced hyper-parameters' sharding: scalars on every device."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def _frozen_shardings(reference, mesh, model=None):
   if mesh is None:
     return None
@@ -262,19 +276,27 @@ def _context(graph, reference, cast, chunk_size, params, frozen, statistics=None
   return algorithms.Context(policy, models, reference, chunk_size, statistics)
 
 
-def _loss_terms(graph, loss, reference, cast, chunk_size):
-  """``fn(params, batch, frozen, statistics) -> (sum(w l), (sum(w), per-example metrics))``."""
+def _hparams(loss, values):
+  """``loss.hparams`` with the traced fields set to ``values`` (tracers inside a step; no re-validation)."""
+  hp = copy.copy(loss.hparams)
+  for name, value in values.items():
+    object.__setattr__(hp, name, value)
+  return hp
 
-  def fn(params, batch, frozen, statistics=None):
+
+def _loss_terms(graph, loss, reference, cast, chunk_size):
+  """``fn(params, batch, frozen, statistics, hparams) -> (sum(w l), (sum(w), per-example metrics))``."""
+
+  def fn(params, batch, frozen, statistics, values):
     ctx = _context(graph, reference, cast, chunk_size, params, frozen, statistics)
-    out = loss.algorithm.objective(loss.hparams, ctx, batch)
+    out = loss.algorithm.objective(_hparams(loss, values), ctx, batch)
     w = out.weights.astype(jnp.float32)
     return jnp.sum(out.losses * w), (jnp.sum(w), out.metrics)
   return fn
 
 
 def _batch_statistics(graph, loss, reference, cast, chunk_size):
-  """``fn(params, batch, frozen, k) -> {name: [B]}`` of the algorithm's ``batch_statistics`` (or None).
+  """``fn(params, batch, frozen, values, k) -> {name: [B]}`` of the algorithm's ``batch_statistics`` (or None).
 
   Evaluated micro-batch by micro-batch (rows ``i, i+k, ...`` as the step
   accumulates them; no gradient), then put back in the batch's row order, so
@@ -284,14 +306,14 @@ def _batch_statistics(graph, loss, reference, cast, chunk_size):
   if hook is None:
     return None
 
-  def one(params, batch, frozen):
+  def one(params, batch, frozen, values):
     ctx = _context(graph, reference, cast, chunk_size, jax.lax.stop_gradient(params), frozen)
-    return jax.tree.map(jax.lax.stop_gradient, dict(hook(loss.hparams, ctx, batch)))
+    return jax.tree.map(jax.lax.stop_gradient, dict(hook(_hparams(loss, values), ctx, batch)))
 
-  def fn(params, batch, frozen, k=1, micro=None):
+  def fn(params, batch, frozen, values, k=1, micro=None):
     if k == 1:
-      return one(params, batch, frozen)
-    stats = jax.lax.map(lambda mb: one(params, mb, frozen), micro)          # {name: [k, B/k, ...]}
+      return one(params, batch, frozen, values)
+    stats = jax.lax.map(lambda mb: one(params, mb, frozen, values), micro)  # {name: [k, B/k, ...]}
     return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((-1,) + x.shape[2:]), stats)
   return fn
 
@@ -303,6 +325,69 @@ def _schema(loss, batch) -> batch_lib.Schema:
 def _tokens(schema, batch):
   return sum(jnp.sum(jnp.asarray(batch[f"{s}_attention"]).astype(jnp.float32))
              for s in schema.present_sides(batch))
+
+
+class Step:
+  """A jitted step with the loss's traced hyper-parameters bound as its last input.
+
+  Called, lowered and compiled like the ``jax.jit`` function it wraps, without that
+  input: ``step(*args)``, ``step.lower(*args).compile()(*args)``.
+  :meth:`with_hparams` gives the same jitted function at other values, so it runs
+  the program already compiled.
+  """
+
+  def __init__(self, jitted, loss: algorithms.Loss):
+    self._jitted, self._loss = jitted, loss
+    self._values = {name: float(getattr(loss.hparams, name)) for name in loss.algorithm.traced_hparams()}
+    self.__wrapped__ = jitted.__wrapped__
+
+  @property
+  def hparams(self):
+    """The loss's hyper-parameters (the algorithm's frozen dataclass)."""
+    return self._loss.hparams
+
+  def with_hparams(self, **changes) -> "Step":
+    """This step at other values of traced hyper-parameters (validated; static ones need a new step)."""
+    algo = self._loss.algorithm
+    static = sorted(set(changes) - set(algo.traced_hparams()))
+    if static:
+      fields = {f.name for f in algo.hparam_fields()}
+      what = "are static (their values are compiled in); make a new step" if set(static) <= fields else \
+          f"are not hyper-parameters of {algo.name!r}; its fields are {sorted(fields)}"
+      raise ValueError(f"Step.with_hparams: {static} {what}.")
+    return Step(self._jitted, algorithms.Loss(algo, dataclasses.replace(self._loss.hparams, **changes)))
+
+  def __call__(self, *args):
+    return self._jitted(*args, self._values)
+
+  def lower(self, *args) -> "_Lowered":
+    return _Lowered(self._jitted.lower(*args, self._values), self._values)
+
+
+class _Lowered:
+  """``jax.stages.Lowered`` whose ``compile()`` keeps the step's hyper-parameter input bound."""
+
+  def __init__(self, lowered, values):
+    self._lowered, self._values = lowered, values
+
+  def compile(self, *args, **kwargs) -> "_Compiled":
+    return _Compiled(self._lowered.compile(*args, **kwargs), self._values)
+
+  def __getattr__(self, name):
+    return getattr(self._lowered, name)
+
+
+class _Compiled:
+  """``jax.stages.Compiled`` called without the step's hyper-parameter input."""
+
+  def __init__(self, compiled, values):
+    self._compiled, self._values = compiled, values
+
+  def __call__(self, *args):
+    return self._compiled(*args, self._values)
+
+  def __getattr__(self, name):
+    return getattr(self._compiled, name)
 
 
 def _check_loss(fn: str, loss, reference) -> None:
@@ -328,7 +413,7 @@ def make_train_step(
     chunk_size: int = 128,
     donate: bool = True,
 ):
-  """Jitted ``train_step(state, batch, frozen) -> (state, metrics)``; see the module docstring."""
+  """:class:`Step` ``train_step(state, batch, frozen) -> (state, metrics)``; see the module docstring."""
   _check_loss("make_train_step", loss, reference)
   if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
     raise ValueError(f"make_train_step: `grad_accum` must be an int >= 1, got {grad_accum!r}.")
@@ -344,24 +429,24 @@ def make_train_step(
   grad_fn = jax.value_and_grad(terms, has_aux=True)
   k = grad_accum
 
-  def train_step(state: TrainState, batch, frozen):
+  def train_step(state: TrainState, batch, frozen, values):
     schema = _schema(objective_loss, batch)
     b, _ = batch_lib.check_batch(batch, schema)
     if b % k:
       raise ValueError(f"train_step: batch size {b} must be divisible by `grad_accum` {k}.")
     batch = {name: jnp.asarray(v) for name, v in batch.items()}
     if k == 1:
-      stats = statistics_fn(state.params, batch, frozen) if statistics_fn is not None else None
-      (lw, (w, metrics)), grads = grad_fn(state.params, batch, frozen, stats)
+      stats = statistics_fn(state.params, batch, frozen, values) if statistics_fn is not None else None
+      (lw, (w, metrics)), grads = grad_fn(state.params, batch, frozen, stats, values)
       metrics = jax.tree.map(jnp.mean, metrics)
     else:
       # Micro-batch i takes rows i, i+k, ...: every micro-batch spans all data shards.
       micro = jax.tree.map(lambda x: x.reshape((b // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
-      stats = statistics_fn(state.params, batch, frozen, k, micro) if statistics_fn is not None else None
+      stats = statistics_fn(state.params, batch, frozen, values, k, micro) if statistics_fn is not None else None
 
       def body(carry, mb):
         g_acc, lw_acc, w_acc = carry
-        (lw, (w, m)), g = grad_fn(state.params, mb, frozen, stats)
+        (lw, (w, m)), g = grad_fn(state.params, mb, frozen, stats, values)
         return (jax.tree.map(jnp.add, g_acc, g), lw_acc + lw, w_acc + w), m
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -393,9 +478,9 @@ def make_train_step(
   if mesh is not None:
     shardings = state_shardings(model, tx, mesh)
     data = _batch_sharding(mesh)
-    jit_kwargs["in_shardings"] = (shardings, data, _frozen_shardings(reference, mesh, model))
+    jit_kwargs["in_shardings"] = (shardings, data, _frozen_shardings(reference, mesh, model), _replicated(mesh))
     jit_kwargs["out_shardings"] = (shardings, None)
-  return jax.jit(train_step, **jit_kwargs)
+  return Step(jax.jit(train_step, **jit_kwargs), loss)
 
 
 def make_eval_step(
@@ -407,25 +492,25 @@ def make_eval_step(
     compute_dtype=None,
     chunk_size: int = 128,
 ):
-  """Jitted ``eval_step(params, batch, frozen) -> metrics`` (``loss`` and the objective's metrics)."""
+  """:class:`Step` ``eval_step(params, batch, frozen) -> metrics`` (``loss`` and the objective's metrics)."""
   _check_loss("make_eval_step", loss, reference)
   graph, _ = _split(model)
   terms = _loss_terms(graph, loss, reference, _caster(compute_dtype), chunk_size)
   statistics_fn = _batch_statistics(graph, loss, reference, _caster(compute_dtype), chunk_size)
 
-  def eval_step(params, batch, frozen):
+  def eval_step(params, batch, frozen, values):
     schema = _schema(loss, batch)
     batch_lib.check_batch(batch, schema)
-    stats = statistics_fn(params, dict(batch), frozen) if statistics_fn is not None else None
-    lw, (w, metrics) = terms(params, dict(batch), frozen, stats)
+    stats = statistics_fn(params, dict(batch), frozen, values) if statistics_fn is not None else None
+    lw, (w, metrics) = terms(params, dict(batch), frozen, stats, values)
     metrics = jax.tree.map(jnp.mean, metrics)
     return dict(metrics, loss=lw / jnp.maximum(w, 1e-12), tokens=_tokens(schema, batch))
 
   kwargs = {}
   if mesh is not None:
-    from alignjax import sharding as sharding_lib  # noqa: PLC0415
-    kwargs["in_shardings"] = (None, _batch_sharding(mesh), _frozen_shardings(reference, mesh, model))
-  return jax.jit(eval_step, **kwargs)
+    kwargs["in_shardings"] = (None, _batch_sharding(mesh), _frozen_shardings(reference, mesh, model),
+                              _replicated(mesh))
+  return Step(jax.jit(eval_step, **kwargs), loss)
 
 
 make_reference_logps_fn = reference_lib.make_reference_logps_fn

@@ -34,9 +34,15 @@ NEEDS = ("reference_logps", "reference_logits", "teachers", "none")
 SCHEMAS = ("paired", "unpaired", "any")
 
 
-def field(default, help: str, **kwargs):  # pylint: disable=redefined-builtin
-  """A hyper-parameter field: its default and the help ``--config_help`` shows."""
-  return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+def field(default, help: str, *, static: bool = False, **kwargs):  # pylint: disable=redefined-builtin
+  """A hyper-parameter field: its default and the help ``--config_help`` shows.
+
+  A ``float`` field is an input of the compiled train and eval steps (traced: one
+  program serves every value, e.g. a beta sweep) unless ``static=True``, which
+  bakes its value into the program; mark a float field static when the objective
+  reads it in Python (``if hp.alpha > 0:``). Fields of other types are static.
+  """
+  return dataclasses.field(default=default, metadata={"help": help, "static": static, **kwargs})
 
 
 def check(ok: bool, message: str) -> None:
@@ -177,6 +183,10 @@ class Algorithm:
 
   def hparam_fields(self) -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(self.hparams)
+
+  def traced_hparams(self) -> tuple[str, ...]:
+    """The hyper-parameters the compiled steps take as inputs: ``float`` fields not marked ``static``."""
+    return tuple(f.name for f in self.hparam_fields() if f.type in (float, "float") and not f.metadata.get("static"))
 
   def rows_per_example(self) -> int:
     """Sequences the policy scores per example: 2 for pairs, 1 (+1 KL row if used) unpaired."""

@@ -35,9 +35,9 @@ class RewardHParams:
   """Bradley–Terry reward-model hyper-parameters."""
   margin: float = base.field(
       0.0, "required score gap m of every pair, -log sigma(r_w - r_l - m) (Llama 2 Eq. 2); a per-pair 'margin' "
-           "batch key is added to it")
+           "batch key is added to it", static=True)
   center_rewards_coefficient: float = base.field(
-      0.0, "eta of TRL's centering term eta (r_w + r_l)^2 (Eisenstein et al. 2023; >= 0, 0: off)")
+      0.0, "eta of TRL's centering term eta (r_w + r_l)^2 (Eisenstein et al. 2023; >= 0, 0: off)", static=True)
 
   def __post_init__(self):
     base.check(isinstance(self.margin, (int, float)) and math.isfinite(self.margin),

@@ -39,7 +39,7 @@ class SimPOHParams:
   gamma: float = base.field(0.5, "SimPO target reward margin gamma (TRL simpo_gamma; absolute, not gamma/beta)")
   label_smoothing: float = base.field(0.0, "cDPO / robust-DPO / SimPO label-flip probability eps")
   cpo_alpha: float = base.field(0.0, "CPO-SimPO: weight of the chosen responses' token-mean NLL (>= 0; 0 = SimPO; "
-                                "TRL's CPOConfig default is 1.0)")
+                                "TRL's CPOConfig default is 1.0)", static=True)
 
   def __post_init__(self):
     base.check(math.isfinite(self.beta) and self.beta > 0, f"loss: `beta` must be a finite number > 0, got {self.beta}.")

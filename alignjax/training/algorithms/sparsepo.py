@@ -91,8 +91,10 @@ class SparsePOHParams:
                          "'activations' (final hidden states and logits), 'hidden', 'logits', 'uniform' (all 1: TDPO1)")
   kl_mask: str = base.field("common", "learned masks: 'common' (one network for the reward and KL masks, L1 "
                             "coefficients halved: sparse-common) or 'independent' (two networks: sparse-indp)")
-  l1_reward: float = base.field(0.0, "learned masks: L1 coefficient of the reward mask (>= 0; l1_norm_param_u)")
-  l1_kl: float = base.field(0.0, "learned masks: L1 coefficient of the KL mask (>= 0; l1_norm_param_d)")
+  l1_reward: float = base.field(0.0, "learned masks: L1 coefficient of the reward mask (>= 0; l1_norm_param_u)",
+                                static=True)
+  l1_kl: float = base.field(0.0, "learned masks: L1 coefficient of the KL mask (>= 0; l1_norm_param_d)",
+                            static=True)
   mask_weight_decay: float = base.field(0.01, "learned masks: AdamW weight decay of the mask network's weights (>= 0)")
   mask_dropout: float = base.field(0.0, "learned masks: dropout of the mask network (only 0: the authors' default "
                                    "disable_dropout=True switches theirs off; the step carries no dropout rng)")
