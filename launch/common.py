@@ -24,6 +24,10 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show Python tracebacks for user 
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize() first (the same "
                                   "command on every host; Cloud TPU and SLURM find the coordinator).")
 _CONFIG_HELP = flags.DEFINE_bool("config_help", False, "List every config field with its default, then exit.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "JAX's persistent compilation cache directory: reruns, resumed runs and sweep runs "
+    "that share a program load it instead of compiling. Default: $JAX_COMPILATION_CACHE_DIR, else "
+    "~/.cache/alignjax/jax_compilation_cache; '' turns it off.")
 
 
 def field_help(module: str = "alignjax.training.config", name: str = "") -> Callable[[], str]:
@@ -104,6 +108,10 @@ def _wrap(main: Callable, help_fn: Callable[[], str]) -> Callable:
     from alignjax.configs import ConfigError  # pylint: disable=import-outside-toplevel
     from alignjax.training import runtime as run_lib  # pylint: disable=import-outside-toplevel
     from alignjax.data.tokenize import DataError  # pylint: disable=import-outside-toplevel
+    try:
+      run_lib.enable_compilation_cache(_COMPILATION_CACHE.value)
+    except ValueError as e:
+      _error(f"--{e}", run_lib.EXIT_USER_ERROR)
     try:
       return main(argv)
     except (ConfigError, run_lib.RunLockedError, DataError, run_lib.TrainingFailed) as e:

@@ -104,7 +104,9 @@ def prune_compilation_cache(path: str, max_bytes: int = CACHE_MAX_BYTES) -> int:
   return deleted
 
 
-if (_cache_dir := _compilation_cache_dir()) is not None:
+if (_cache_dir := _compilation_cache_dir()) is None:
+  os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"   # launchers too (their --compilation_cache default)
+else:
   # Environment too: launcher and notebook tests run in subprocesses.
   for _name, _value in (("jax_compilation_cache_dir", _cache_dir), ("jax_persistent_cache_min_compile_time_secs", 0),
                         ("jax_persistent_cache_min_entry_size_bytes", 0)):

@@ -279,6 +279,31 @@ def test_invalid_config_exits_2_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
   bad_flag = launch(f"--workdir={tmp_path / 'run'}", "--config.loss.bta=1")
   assert bad_flag.returncode == 2 and len(error_lines(bad_flag)) == 1, bad_flag.stderr
+  (tmp_path / "file").write_text("")
+  bad_cache = launch(f"--workdir={tmp_path / 'run'}", f"--compilation_cache={tmp_path / 'file' / 'cache'}")
+  assert bad_cache.returncode == 2 and len(error_lines(bad_cache)) == 1, bad_cache.stderr
+  assert "--compilation_cache: cannot create the directory" in bad_cache.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_compilation_cache_stores_programs_and_turns_off(tmp_path, monkeypatch):
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  saved = {name: getattr(jax.config, name) for name in ("jax_enable_compilation_cache", "jax_compilation_cache_dir")}
+  try:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert run_lib.default_compilation_cache() == str(tmp_path / "xdg" / "alignjax" / "jax_compilation_cache")
+    assert run_lib.enable_compilation_cache(str(tmp_path / "cache")) == str(tmp_path / "cache")
+    compilation_cache.reset_cache()
+    x = np.float32(np.pi)   # a program no other test compiles
+    assert float(jax.jit(lambda a: a * 3.0 - 0.25)(x)) == pytest.approx(3 * np.pi - 0.25)
+    assert any((tmp_path / "cache").iterdir())
+    assert run_lib.enable_compilation_cache("") is None and not jax.config.jax_enable_compilation_cache
+    assert run_lib.enable_compilation_cache() is None    # turned off: the default leaves it off
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
 # Row 12: --help lists the config fields with defaults and the loss names.

@@ -13,6 +13,10 @@
 * :class:`PreemptionGuard` -- SIGTERM/SIGINT set a flag; the loop finishes the
   current step, checkpoints and raises :class:`Preempted`. A second Ctrl-C
   interrupts at once. Under ``jax.distributed`` all processes agree on the stop.
+* :func:`enable_compilation_cache` -- JAX's persistent compilation cache (every
+  launcher's ``--compilation_cache``): a resumed run, a rerun and the runs of a
+  sweep that share a program (steps take their float hyper-parameters as inputs)
+  load it instead of compiling it again.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import numpy as np
 __all__ = [
     "EXIT_USER_ERROR", "EXIT_TRAINING_FAILED", "MetricsWriter", "NullWriter", "Preempted",
     "PreemptionGuard", "Progress", "RunLockedError", "TrainingFailed", "WorkdirLock",
-    "metrics_writer", "peak_flops", "read_record", "write_record",
+    "default_compilation_cache", "enable_compilation_cache", "metrics_writer", "peak_flops", "read_record",
+    "write_record",
 ]
 
 EXIT_USER_ERROR = 2        # bad config, identity mismatch, locked workdir
@@ -231,6 +236,44 @@ def metrics_writer(workdir: str, **kwargs) -> NullWriter:
   """A :class:`MetricsWriter` on process 0, a :class:`NullWriter` elsewhere."""
   import jax  # pylint: disable=import-outside-toplevel
   return MetricsWriter(workdir, **kwargs) if jax.process_index() == 0 else NullWriter()
+
+
+# ----------------------------------------------------------------- compilation cache
+
+def default_compilation_cache() -> str:
+  """``$XDG_CACHE_HOME/alignjax/jax_compilation_cache`` (default ``~/.cache``), beside the real-checkpoint assets."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "alignjax", "jax_compilation_cache")
+
+
+def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache at ``path``; returns its directory, or None when off.
+
+  ``path`` None: ``$JAX_COMPILATION_CACHE_DIR`` (JAX's own setting) when set, else
+  :func:`default_compilation_cache`; nothing changes when the cache was turned off
+  (``JAX_ENABLE_COMPILATION_CACHE=false``). ``""``: off. Programs that took at least
+  ``jax_persistent_cache_min_compile_time_secs`` (JAX's default: 1 s) to compile are
+  stored; entries are keyed by the program, the jax/jaxlib version, the backend
+  and the XLA flags, so a stale or foreign entry is never used. Like MaxText's
+  ``jax_cache_dir``; the directory is not pruned (delete it to reclaim space).
+  Call it before the first compile.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  if path is None:
+    if not jax.config.jax_enable_compilation_cache:
+      return None
+    path = jax.config.jax_compilation_cache_dir or default_compilation_cache()
+  if not path:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  path = os.path.abspath(os.path.expanduser(path))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"compilation_cache: cannot create the directory {path!r} ({e.strerror}).") from None
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
 
 
 # ----------------------------------------------------------------------------- progress
