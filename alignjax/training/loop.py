@@ -663,6 +663,7 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
       with open(before_path) as f:
         before = json.load(f)
     skipped, last_saved, good, loss, reported = 0, start if start else None, None, float("nan"), set()
+    raw = train_ds[start] if start < total else None
     for step in range(start, total):
       if step == sft_steps:
         start_preference_phase()
@@ -672,13 +673,16 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
             json.dump(before, f)
         progress.message(f"[eval @ {step}] reference: " + _fmt(before))
       phase = sft if step < sft_steps else pref
-      host_batch = phase.data(train_ds[step], step)
+      host_batch = phase.data(raw, step)
       batch = to_device(host_batch)
       if cfg.report_memory and phase.key not in reported:
         reported.add(phase.key)
         progress.message(_memory_report(cfg, phase, policy, step_fns[phase.key], objects[phase.key], batch,
                                         phase.frozen(), host_batch))
       objects[phase.key], metrics = step_fns[phase.key](objects[phase.key], batch, phase.frozen())
+      # The next batch is read while the device computes this step (dispatch is asynchronous; reading
+      # batches[step] is random access, so a run that stops here resumes from the same batch).
+      raw = train_ds[step + 1] if step + 1 < total else None
       sides = batch_lib.detect(host_batch).present_sides(host_batch)
       tokens = float(sum(np.sum(host_batch[f"{s}_attention"]) for s in sides))
       flops = phase.loss.algorithm.flops_per_token(
