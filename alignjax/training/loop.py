@@ -893,10 +893,11 @@ def with_numerics(model, *, dtype: str, param_dtype: str, remat: str, scan_layer
 def _initializer(model_cfg):
   """``(graphdef, jitted key -> state)`` of ``Transformer(model_cfg, rngs=nnx.Rngs(key))``.
 
-  One program draws every initial weight: eagerly, each parameter shape compiled
-  its own sampler (~20 programs, 10 s of a tiny run's start on 2 CPU cores); this
-  one compiles once per config and process, and the persistent compilation cache
-  keeps it. The values are ``nnx.Rngs(seed)``'s, to float32 rounding.
+  One program draws every initial weight: eagerly, each parameter shape compiles
+  its own sampler, each under the persistent compilation cache's 1 s threshold, so
+  every launcher start compiled them all again; this one compiles once per config
+  and process and the cache keeps it (``bench/init.py``). The values are
+  ``nnx.Rngs(seed)``'s, to float32 rounding.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
