@@ -285,7 +285,7 @@ def _hparams(loss, values):
 
 
 def _loss_terms(graph, loss, reference, cast, chunk_size):
-  """``fn(params, batch, frozen, statistics, values) -> (sum(w l), (sum(w), per-example metrics))`` (``values``: traced hparams)."""
+  """``fn(params, batch, frozen, statistics, values) -> (sum(w l), (sum(w), per-example metrics))``."""
 
   def fn(params, batch, frozen, statistics, values):
     ctx = _context(graph, reference, cast, chunk_size, params, frozen, statistics)
