@@ -46,7 +46,13 @@ def _no_libtpu_backend_without_a_tpu() -> None:
 _no_libtpu_backend_without_a_tpu()
 
 _SUBMODULES = ("losses", "models", "decoding", "training", "data", "sharding")
-__all__ = list(_SUBMODULES)
+__all__ = [*_SUBMODULES, "cache_dir"]
+
+
+def cache_dir(*parts: str) -> str:
+  """``$XDG_CACHE_HOME/alignjax/<parts>`` (default ``~/.cache``): real-checkpoint assets, AOT plans, compiled programs."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "alignjax", *parts)
 
 
 def __getattr__(name):

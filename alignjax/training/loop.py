@@ -902,6 +902,7 @@ def _initializer(model_cfg):
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from alignjax.models import Transformer  # pylint: disable=import-outside-toplevel
+
   def initial_state(key):
     return nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(key)))
 

@@ -242,8 +242,8 @@ def metrics_writer(workdir: str, **kwargs) -> NullWriter:
 
 def default_compilation_cache() -> str:
   """``$XDG_CACHE_HOME/alignjax/jax_compilation_cache`` (default ``~/.cache``), beside the real-checkpoint assets."""
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "alignjax", "jax_compilation_cache")
+  import alignjax  # pylint: disable=import-outside-toplevel
+  return alignjax.cache_dir("jax_compilation_cache")
 
 
 def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
