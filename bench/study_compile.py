@@ -5,7 +5,7 @@ r"""A beta sweep's compile reuse: the frontier study with JAX's persistent compi
 
 The train and eval steps take the loss's float hyper-parameters (beta, TDPO's alpha, ...)
 as inputs, so the runs of a sweep that differ only in them are one program, and every
-launcher keeps JAX's persistent compilation cache (``--compilation_cache``). Three runs of
+launcher keeps JAX's persistent compilation cache (``--compilation_cache``). Five runs of
 ``launch/study.py`` on one small study (SFT, the methods at ``--betas``, DPO also at the
 study's ``dpo_betas``, DeRa; no reward model or GenARM), each in a fresh process and workdir:
 
@@ -13,9 +13,13 @@ study's ``dpo_betas``, DeRa; no reward model or GenARM), each in a fresh process
   compiles its own train and eval steps;
 * ``cache, cold``: an empty cache directory; the second and later betas of a method load
   the first one's programs;
-* ``cache, warm``: the same directory again (a rerun, another workdir, or a resumed study).
+* ``cache, warm``: the same directory again (a rerun, another workdir, or a resumed study);
+* ``1 s threshold, cold`` / ``warm``: the same two with JAX's default
+  ``jax_persistent_cache_min_compile_time_secs`` of 1 s (the launchers before they stored
+  every program), in a directory of their own: the eval steps and optimizer inits of these
+  small models compile in under 1 s, so every run compiled them again.
 
-It prints wall and CPU seconds, each as a ratio to the peer, and checks that the three
+It prints wall and CPU seconds, each as a ratio to the peer, and checks that the five
 results tables are identical. Figures depend on the machine and its load; compare rows of
 one run.
 """
@@ -39,7 +43,7 @@ def _cpu_seconds() -> float:
   return r.ru_utime + r.ru_stime
 
 
-def _study(workdir: str, cache: str, methods: str, betas: str) -> tuple[float, float]:
+def _study(workdir: str, cache: str, methods: str, betas: str, threshold: str | None) -> tuple[float, float]:
   """Wall and CPU seconds of one ``launch.study`` subprocess."""
   names = ",".join(f'"{m}"' for m in methods.split(","))
   cmd = [sys.executable, "-m", "launch.study", f"--workdir={workdir}", f"--compilation_cache={cache}",
@@ -48,6 +52,9 @@ def _study(workdir: str, cache: str, methods: str, betas: str) -> tuple[float, f
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
              PYTHONPATH=str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+  if threshold is not None:
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = threshold
   cpu, t = _cpu_seconds(), time.perf_counter()
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   wall, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
@@ -62,15 +69,17 @@ def main() -> None:
   parser.add_argument("--betas", default="0.1,0.5", help="the sweep's betas, comma-separated")
   args = parser.parse_args()
   with tempfile.TemporaryDirectory(prefix="study_compile_") as tmp:
-    cache = os.path.join(tmp, "cache")
+    cache, cache_1s = os.path.join(tmp, "cache"), os.path.join(tmp, "cache_1s")
     rows = []
-    for label, cache_dir, workdir in (("cache off (peer)", "", "off"), ("cache, cold", cache, "cold"),
-                                      ("cache, warm", cache, "warm")):
-      wall, cpu = _study(os.path.join(tmp, workdir), cache_dir, args.methods, args.betas)
-      entries = len(os.listdir(cache)) if os.path.isdir(cache) else 0
+    runs = (("cache off (peer)", "", "off", None), ("cache, cold", cache, "cold", None),
+            ("cache, warm", cache, "warm", None), ("1 s threshold, cold", cache_1s, "cold_1s", "1"),
+            ("1 s threshold, warm", cache_1s, "warm_1s", "1"))
+    for label, cache_dir, workdir, threshold in runs:
+      wall, cpu = _study(os.path.join(tmp, workdir), cache_dir, args.methods, args.betas, threshold)
+      entries = len(os.listdir(cache_dir)) if cache_dir and os.path.isdir(cache_dir) else 0
       rows.append((label, wall, cpu, entries))
       print(f"  {label}: {wall:.1f} s", file=sys.stderr, flush=True)
-    tables = {(Path(tmp) / w / "results.md").read_text() for w in ("off", "cold", "warm")}
+    tables = {(Path(tmp) / run[2] / "results.md").read_text() for run in runs}
   print(f"study: methods {args.methods}, betas {args.betas} (DPO also at the study's dpo_betas), DeRa; "
         f"{os.cpu_count()} CPUs")
   print("| run | wall s | vs peer | CPU s | vs peer | cache entries |")

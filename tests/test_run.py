@@ -291,15 +291,26 @@ def test_invalid_config_exits_2_before_any_work(tmp_path):
 def test_compilation_cache_stores_programs_and_turns_off(tmp_path, monkeypatch):
   import jax
   from jax.experimental.compilation_cache import compilation_cache
-  saved = {name: getattr(jax.config, name) for name in ("jax_enable_compilation_cache", "jax_compilation_cache_dir")}
+  threshold = "jax_persistent_cache_min_compile_time_secs"
+  saved = {name: getattr(jax.config, name)
+           for name in ("jax_enable_compilation_cache", "jax_compilation_cache_dir", threshold)}
   try:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert run_lib.default_compilation_cache() == str(tmp_path / "xdg" / "alignjax" / "jax_compilation_cache")
+    # JAX's default threshold (1 s) would leave this millisecond program out; the launchers store every program.
+    jax.config.update(threshold, 1.0)
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
     assert run_lib.enable_compilation_cache(str(tmp_path / "cache")) == str(tmp_path / "cache")
+    assert getattr(jax.config, threshold) == 0.0
     compilation_cache.reset_cache()
     x = np.float32(np.pi)   # a program no other test compiles
     assert float(jax.jit(lambda a: a * 3.0 - 0.25)(x)) == pytest.approx(3 * np.pi - 0.25)
     assert any((tmp_path / "cache").iterdir())
+    # A threshold the user set through JAX's environment variable is kept.
+    jax.config.update(threshold, 5.0)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "5")
+    run_lib.enable_compilation_cache(str(tmp_path / "cache"))
+    assert getattr(jax.config, threshold) == 5.0
     assert run_lib.enable_compilation_cache("") is None and not jax.config.jax_enable_compilation_cache
     assert run_lib.enable_compilation_cache() is None    # turned off: the default leaves it off
   finally:

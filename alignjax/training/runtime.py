@@ -251,12 +251,14 @@ def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
 
   ``path`` None: ``$JAX_COMPILATION_CACHE_DIR`` (JAX's own setting) when set, else
   :func:`default_compilation_cache`; nothing changes when the cache was turned off
-  (``JAX_ENABLE_COMPILATION_CACHE=false``). ``""``: off. Programs that took at least
-  ``jax_persistent_cache_min_compile_time_secs`` (JAX's default: 1 s) to compile are
-  stored; entries are keyed by the program, the jax/jaxlib version, the backend
-  and the XLA flags, so a stale or foreign entry is never used. Like MaxText's
-  ``jax_cache_dir``; the directory is not pruned (delete it to reclaim space).
-  Call it before the first compile.
+  (``JAX_ENABLE_COMPILATION_CACHE=false``). ``""``: off. Every program is stored:
+  ``jax_persistent_cache_min_compile_time_secs`` is set to 0 unless
+  ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` sets it. JAX's default of 1 s left
+  out the eval steps and optimizer inits of small models, which a study or a rerun
+  then compiled again every run. Entries are keyed by the program, the jax/jaxlib
+  version, the backend and the XLA flags, so a stale or foreign entry is never
+  used. Like MaxText's ``jax_cache_dir``; the directory is not pruned (delete it to
+  reclaim space). Call it before the first compile.
   """
   import jax  # pylint: disable=import-outside-toplevel
   if path is None:
@@ -273,6 +275,8 @@ def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
     raise ValueError(f"compilation_cache: cannot create the directory {path!r} ({e.strerror}).") from None
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return path
 
 
