@@ -37,6 +37,42 @@ def test_preference_batches_deterministic_and_resumable():
     preference_batches(data, 51, seed=0)
 
 
+class _Counting:
+  """A random-access source (like TFDS's) that counts its reads; each read returns new arrays."""
+
+  def __init__(self, data):
+    self.data, self.reads = data, 0
+
+  def __len__(self):
+    return len(next(iter(self.data.values())))
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return {k: v[i].copy() for k, v in self.data.items()}
+
+
+def test_small_source_is_read_once_per_record_and_batches_are_unchanged(monkeypatch):
+  from alignjax.data import synthetic
+  data = SortingTask().generate(40, seed=2)
+  source = _Counting(data)
+  cached, plain = preference_batches(source, 8, seed=4), preference_batches(data, 8, seed=4)
+  for step in range(25):   # five epochs
+    got, want = cached[step], plain[step]
+    got["chosen_tokens"][:] = -1   # a consumer writing into a batch does not reach the kept records
+    for k in data:
+      if k != "chosen_tokens":
+        np.testing.assert_array_equal(got[k], want[k])
+  assert source.reads == 40   # every record once
+  np.testing.assert_array_equal(cached[0]["chosen_tokens"], plain[0]["chosen_tokens"])
+  # Over the memory budget: read at every access, as before.
+  monkeypatch.setattr(synthetic, "DECODED_CACHE_BYTES", 1000)
+  source = _Counting(data)
+  big = synthetic.preference_batches(source, 8, seed=4)
+  for step in range(10):
+    np.testing.assert_array_equal(big[step]["rejected_tokens"], plain[step]["rejected_tokens"])
+  assert source.reads == 1 + 10 * 8
+
+
 def test_sorting_task_errors():
   with pytest.raises(ValueError, match="num_symbols"):
     SortingTask(num_symbols=1)

@@ -112,6 +112,41 @@ def _as_source(data) -> Sequence[dict]:
   return data
 
 
+# A source up to this size (records x the first record's bytes) keeps its decoded records.
+DECODED_CACHE_BYTES = 256 << 20
+
+
+class _DecodedOnce:
+  """A random-access source whose records are read (decoded) once, then served from memory.
+
+  A training run reads every record once per epoch; TFDS decodes each read anew
+  (about 0.1-0.3 ms per example on CPU), which for small data sets made the batch
+  reads a fifth of a study's run time. Records are returned as fresh dicts of the
+  same arrays.
+  """
+
+  def __init__(self, source, first: dict):
+    self._source, self._records = source, [first] + [None] * (len(source) - 1)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> dict:
+    record = self._records[i]
+    if record is None:
+      record = self._records[i] = self._source[i]
+    return dict(record)
+
+
+def _decoded_once(records):
+  """``records`` behind :class:`_DecodedOnce` when it is a source (not a list) of at most ``DECODED_CACHE_BYTES``."""
+  if isinstance(records, (list, tuple)) or not len(records):
+    return records
+  first = records[0]
+  size = len(records) * sum(np.asarray(v).nbytes for v in first.values()) if isinstance(first, dict) else None
+  return _DecodedOnce(records, first) if size is not None and size <= DECODED_CACHE_BYTES else records
+
+
 def to_arrays(source) -> dict[str, np.ndarray]:
   """Stacks every record of a random-access source into a dict of arrays."""
   if isinstance(source, dict):
@@ -131,9 +166,11 @@ def preference_batches(data, batch_size: int, seed: int, *, shuffle: bool = True
     shuffle: shuffle the records (same order every epoch).
 
   ``ds[step]`` is the batch for ``step``, so a resumed run sees exactly the
-  batches it would have seen without interruption.
+  batches it would have seen without interruption. A source of at most
+  :data:`DECODED_CACHE_BYTES` (estimated from its first record) is read once per
+  record and kept in memory; larger ones are read at every access.
   """
-  records = _as_source(data)
+  records = _decoded_once(_as_source(data))
   n = len(records)
   if not 0 < batch_size <= n:
     raise ValueError(
