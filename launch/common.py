@@ -108,6 +108,7 @@ def _wrap(main: Callable, help_fn: Callable[[], str]) -> Callable:
     from alignjax.configs import ConfigError  # pylint: disable=import-outside-toplevel
     from alignjax.training import runtime as run_lib  # pylint: disable=import-outside-toplevel
     from alignjax.data.tokenize import DataError  # pylint: disable=import-outside-toplevel
+    from alignjax.training.checkpoint import CheckpointMismatchError  # pylint: disable=import-outside-toplevel
     try:
       run_lib.enable_compilation_cache(_COMPILATION_CACHE.value)
     except ValueError as e:
@@ -119,6 +120,10 @@ def _wrap(main: Callable, help_fn: Callable[[], str]) -> Callable:
         raise
       failed = isinstance(e, run_lib.TrainingFailed)
       _error(str(e), run_lib.EXIT_TRAINING_FAILED if failed else run_lib.EXIT_USER_ERROR)
+    except CheckpointMismatchError as e:   # e.g. written by another version of alignjax
+      if _VERBOSE.value:
+        raise
+      _error(f"{e} (--fresh starts a new run in a new workdir and leaves this one alone)", run_lib.EXIT_USER_ERROR)
     except run_lib.Preempted as e:
       print(f"preempted: {e}; checkpoint written, re-run the same command to resume.", file=sys.stderr, flush=True)
       sys.exit(e.exit_code)

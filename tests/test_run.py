@@ -178,7 +178,7 @@ def test_signals_checkpoint_and_resume_with_the_stored_budget(tmp_path):
 
 # Row 3: damaged latest checkpoint -> warning, resume from the newest readable step.
 # Also: extending the step budget is allowed and recorded.
-def test_damaged_latest_checkpoint_falls_back(tmp_path, capfd):
+def test_damaged_latest_checkpoint_falls_back(tmp_path, capfd, monkeypatch):
   wd = tmp_path / "run"
   loop.run(tiny(**{"max_checkpoints": 3}), workdir=str(wd))
   assert steps_on_disk(wd) == [2, 4, 6]
@@ -186,7 +186,11 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, capfd):
     if f.is_file() and f.parent.name == "d":
       f.write_bytes(f.read_bytes()[:5])
   capfd.readouterr()
+  schedules, set_schedule = [], loop.set_schedule   # the restored optimizer state takes the new budget
+  monkeypatch.setattr(loop, "set_schedule", lambda state, phase, wd: (
+      schedules.append(phase.steps), set_schedule(state, phase, wd))[1])
   result = loop.run(tiny(**{"max_checkpoints": 3, "dpo.steps": 8}), workdir=str(wd))
+  assert schedules == [0, 8]   # sft.steps, dpo.steps
   err = capfd.readouterr().err
   assert "checkpoint step 6" in err and "falling back to step 4" in err
   assert result["resumed_from"] == 4 and result["steps"] == 8
@@ -286,6 +290,25 @@ def test_invalid_config_exits_2_before_any_work(tmp_path):
   assert bad_cache.returncode == 2 and len(error_lines(bad_cache)) == 1, bad_cache.stderr
   assert "--compilation_cache: cannot create the directory" in bad_cache.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_of_another_structure_exits_2_and_is_kept(tmp_path, monkeypatch):
+  """A workdir whose checkpoints an older alignjax wrote (here: the plain optax AdamW state, before the
+  schedule's values moved into the optimizer state) gets a one-line error, not a traceback, and stays as it was."""
+  import optax
+  wd = tmp_path / "run"
+  monkeypatch.setattr(loop, "optimizer", lambda phase, *, weight_decay, decay=None: optax.adamw(
+      optax.warmup_cosine_decay_schedule(0.0, phase.learning_rate, 1, 10), weight_decay=weight_decay))
+  loop.run(tiny(), workdir=str(wd), handle_signals=False)
+  monkeypatch.undo()
+  files = lambda: {p: p.read_bytes() for p in wd.rglob("*") if p.is_file() and p.name != ".lock"}   # (holder's PID)
+  before = files()
+  proc = launch(f"--workdir={wd}", *flags(**{"dpo.steps": 8}))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = error_lines(proc)
+  assert len(lines) == 1 and "does not match" in lines[0] and "--fresh" in lines[0], lines
+  assert "Traceback" not in proc.stderr
+  assert files() == before
 
 
 def test_compilation_cache_stores_programs_and_turns_off(tmp_path, monkeypatch):

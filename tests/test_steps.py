@@ -157,6 +157,38 @@ def test_a_hyperparameter_sweep_runs_one_compiled_program(models):
     step.with_hparams(alpha=-1.0)
 
 
+def test_a_learning_rate_sweep_runs_one_compiled_program(models):
+  """loop.optimizer keeps lr, warm-up, budget and weight decay in its state: one program for every value,
+  and the updates equal optax's own AdamW with optax's warmup_cosine_decay_schedule at each value."""
+  from alignjax.training import config as config_lib
+  policy, ref_model = models
+  batch = make_batch(np.random.default_rng(4))
+  ref, frozen = reference.online(ref_model)
+  loss = algorithms.loss("dpo", beta=0.2)
+  texts = []
+  for lr, warmup, total, wd in ((1e-3, 2, 10, 0.0), (3e-2, 1, 4, 0.1), (5e-3, 3, 40, 0.01)):
+    phase = config_lib.PhaseConfig(steps=total, learning_rate=lr, warmup_steps=warmup)
+    plain = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=0.1 * lr),
+                        weight_decay=wd)
+    ours, theirs = (steps.make_train_step(policy, tx, loss, ref, chunk_size=4, donate=False)
+                    for tx in (loop.optimizer(phase, weight_decay=wd), plain))
+    a, b = steps.init_state(policy, loop.optimizer(phase, weight_decay=wd)), steps.init_state(policy, plain)
+    texts.append(ours.lower(a, batch, frozen).as_text())
+    for _ in range(3):   # warm-up and decay steps
+      a, _ = ours(a, batch, frozen)
+      b, _ = theirs(b, batch, frozen)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+  assert texts[0] == texts[1] == texts[2]
+  # A resumed run with a longer budget: set_schedule puts the config's values into the restored state.
+  short, long = (config_lib.PhaseConfig(steps=n, learning_rate=1e-2, warmup_steps=1) for n in (4, 12))
+  state = steps.init_state(policy, loop.optimizer(short, weight_decay=0.0))
+  moved = loop.set_schedule(state, long, 0.0)
+  assert float(moved.opt_state.hyperparams["total_steps"]) == 12.0
+  fresh = steps.init_state(policy, loop.optimizer(long, weight_decay=0.0))
+  assert jax.tree.map(float, moved.opt_state.hyperparams) == jax.tree.map(float, fresh.opt_state.hyperparams)
+
+
 def test_dpo_sgd_update_matches_plain_jax_grad(models):
   policy, ref_model = models
   batch = make_batch(np.random.default_rng(2))

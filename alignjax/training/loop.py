@@ -69,6 +69,22 @@ def fresh_workdir(workdir: str) -> str:
   return candidate
 
 
+def warmup_cosine(count, peak, warmup_steps, total_steps):
+  """optax's ``warmup_cosine_decay_schedule(0, peak, warmup_steps, total_steps, end_value=0.1 * peak)``.
+
+  Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then cosine decay to
+  10% of ``peak`` at ``total_steps``. Written with ``jnp`` so that every argument
+  may be traced (optax's takes the step counts as Python numbers).
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  count, peak = jnp.asarray(count, jnp.float32), jnp.asarray(peak, jnp.float32)
+  warmup, total = jnp.asarray(warmup_steps, jnp.float32), jnp.asarray(total_steps, jnp.float32)
+  warm = peak * jnp.minimum(count, warmup) / warmup
+  t = jnp.minimum(count - warmup, total - warmup) / (total - warmup)
+  cosine = peak * (0.9 * 0.5 * (1 + jnp.cos(jnp.pi * t)) + 0.1)
+  return jnp.where(count < warmup, warm, cosine)
+
+
 def optimizer(phase: config_lib.PhaseConfig, *, weight_decay: float, decay: Optional[Callable] = None) -> Any:
   """AdamW with linear warm-up and cosine decay to 10% of ``phase.learning_rate``.
 
@@ -76,21 +92,42 @@ def optimizer(phase: config_lib.PhaseConfig, *, weight_decay: float, decay: Opti
   arXiv:1711.05101. Gradient clipping is done by the train step. ``decay``:
   ``fn(path) -> rate`` per parameter (a tuple of names) instead of one
   ``weight_decay`` (optax's ``adamw`` chain with a per-parameter rate).
+
+  The learning rate, the schedule's step counts and ``weight_decay`` are
+  ``optax.inject_hyperparams`` values, kept in the optimizer state: runs that
+  differ only in them (a learning-rate sweep, a longer budget) run one compiled
+  step. :func:`set_schedule` puts a config's values into a restored state.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, phase.learning_rate, max(phase.warmup_steps, 1), max(phase.steps, phase.warmup_steps + 1),
-      end_value=0.1 * phase.learning_rate)
-  if decay is None:
-    return optax.adamw(schedule, weight_decay=weight_decay)
-  from alignjax.sharding import path_key  # pylint: disable=import-outside-toplevel
 
-  def update(updates, state, params):
-    add = lambda path, u, p: u + decay(path_key(path)) * p
-    return jax.tree_util.tree_map_with_path(add, updates, params), state
-  per_parameter = optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-  return optax.chain(optax.scale_by_adam(), per_parameter, optax.scale_by_learning_rate(schedule))
+  def adamw(learning_rate, warmup_steps, total_steps, weight_decay):
+    schedule = lambda count: warmup_cosine(count, learning_rate, warmup_steps, total_steps)
+    if decay is None:
+      return optax.adamw(schedule, weight_decay=weight_decay)
+    from alignjax.sharding import path_key  # pylint: disable=import-outside-toplevel
+
+    def update(updates, state, params):
+      add = lambda path, u, p: u + decay(path_key(path)) * p
+      return jax.tree_util.tree_map_with_path(add, updates, params), state
+    per_parameter = optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.chain(optax.scale_by_adam(), per_parameter, optax.scale_by_learning_rate(schedule))
+
+  return optax.inject_hyperparams(adamw, hyperparam_dtype=jax.numpy.float32)(**_schedule_values(phase, weight_decay))
+
+
+def _schedule_values(phase: config_lib.PhaseConfig, weight_decay: float) -> dict[str, float]:
+  return {"learning_rate": float(phase.learning_rate), "warmup_steps": float(max(phase.warmup_steps, 1)),
+          "total_steps": float(max(phase.steps, phase.warmup_steps + 1)), "weight_decay": float(weight_decay)}
+
+
+def set_schedule(state, phase: config_lib.PhaseConfig, weight_decay: float):
+  """``state`` (a train state of :func:`optimizer`) with ``phase``'s schedule values (a resumed run's config)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  opt = state.opt_state
+  values = {k: jax.device_put(jax.numpy.asarray(v, opt.hyperparams[k].dtype), opt.hyperparams[k].sharding)
+            for k, v in _schedule_values(phase, weight_decay).items()}
+  return state._replace(opt_state=opt._replace(hyperparams=values))
 
 
 def _decay(algo, hparams, weight_decay: float, *, owned: bool) -> Optional[Callable]:
@@ -622,6 +659,9 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
   writer = run_lib.metrics_writer(workdir) if writer is None else writer
   try:
     start = ckpt.restore_latest_valid(objects) or 0
+    if start:   # the config's schedule (a longer budget than the stored one changes total_steps)
+      for key, phase_cfg in (("sft", cfg.sft), ("pref", cfg.dpo)):
+        objects[key] = set_schedule(objects[key], phase_cfg, cfg.weight_decay)
     if start > total:
       raise ConfigError(
           f"config.dpo.steps={cfg.dpo.steps} gives a budget of {total} steps, below the restored step {start}; "
