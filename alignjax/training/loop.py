@@ -69,20 +69,22 @@ def fresh_workdir(workdir: str) -> str:
   return candidate
 
 
-def warmup_cosine(count, peak, warmup_steps, total_steps):
+def warmup_cosine(count, peak, warmup_steps, total_steps, *, xp=None):
   """optax's ``warmup_cosine_decay_schedule(0, peak, warmup_steps, total_steps, end_value=0.1 * peak)``.
 
   Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then cosine decay to
-  10% of ``peak`` at ``total_steps``. Written with ``jnp`` so that every argument
-  may be traced (optax's takes the step counts as Python numbers).
+  10% of ``peak`` at ``total_steps``. Written with ``jnp`` (``xp``, default) so
+  that every argument may be traced (optax's takes the step counts as Python
+  numbers); ``xp=numpy`` evaluates it on the host.
   """
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  count, peak = jnp.asarray(count, jnp.float32), jnp.asarray(peak, jnp.float32)
-  warmup, total = jnp.asarray(warmup_steps, jnp.float32), jnp.asarray(total_steps, jnp.float32)
-  warm = peak * jnp.minimum(count, warmup) / warmup
-  t = jnp.minimum(count - warmup, total - warmup) / (total - warmup)
-  cosine = peak * (0.9 * 0.5 * (1 + jnp.cos(jnp.pi * t)) + 0.1)
-  return jnp.where(count < warmup, warm, cosine)
+  if xp is None:
+    import jax.numpy as xp  # pylint: disable=import-outside-toplevel
+  f32 = lambda x: xp.asarray(x, xp.float32)
+  count, peak, warmup, total = f32(count), f32(peak), f32(warmup_steps), f32(total_steps)
+  warm = peak * xp.minimum(count, warmup) / warmup
+  t = xp.minimum(count - warmup, total - warmup) / (total - warmup)
+  cosine = peak * (f32(0.9 * 0.5) * (1 + xp.cos(f32(xp.pi) * t)) + f32(0.1))
+  return xp.where(count < warmup, warm, cosine)
 
 
 def optimizer(phase: config_lib.PhaseConfig, *, weight_decay: float, decay: Optional[Callable] = None) -> Any:
@@ -750,6 +752,11 @@ def _run(cfg: RunConfig, workdir: str, writer, progress, explicit, guard) -> dic
             k: float(v) for k, v in jax.device_get(good).items() if k not in ("finite", "skipped", "step")}
         if cfg.on_nonfinite == "skip":
           scalars["skipped_updates"] = float(skipped)
+        opt_state = objects[phase.key].opt_state
+        if hasattr(opt_state, "hyperparams"):   # loop.optimizer's state: the rate of the last applied update
+          hp, count = jax.device_get((opt_state.hyperparams, opt_state.count))
+          scalars["learning_rate"] = float(warmup_cosine(
+              max(int(count) - 1, 0), hp["learning_rate"], hp["warmup_steps"], hp["total_steps"], xp=np))
         if cfg.diagnostics_every and phase is pref and done % cfg.diagnostics_every == 0:
           scalars.update({k: float(v) for k, v in jax.device_get(
               entanglement_fn(objects["pref"].params, batch)).items()})
