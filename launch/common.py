@@ -123,7 +123,8 @@ def _wrap(main: Callable, help_fn: Callable[[], str]) -> Callable:
     except CheckpointMismatchError as e:   # e.g. written by another version of alignjax
       if _VERBOSE.value:
         raise
-      _error(f"{e} (--fresh starts a new run in a new workdir and leaves this one alone)", run_lib.EXIT_USER_ERROR)
+      hint = "--fresh starts a new run in a new workdir" if "fresh" in flags.FLAGS else "another --workdir starts anew"
+      _error(f"{e} ({hint}; this one is left alone)", run_lib.EXIT_USER_ERROR)
     except run_lib.Preempted as e:
       print(f"preempted: {e}; checkpoint written, re-run the same command to resume.", file=sys.stderr, flush=True)
       sys.exit(e.exit_code)
