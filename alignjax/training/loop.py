@@ -73,7 +73,8 @@ def warmup_cosine(count, peak, warmup_steps, total_steps, *, xp=None):
   """optax's ``warmup_cosine_decay_schedule(0, peak, warmup_steps, total_steps, end_value=0.1 * peak)``.
 
   Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then cosine decay to
-  10% of ``peak`` at ``total_steps``. Written with ``jnp`` (``xp``, default) so
+  10% of ``peak`` at ``total_steps`` (``0 < warmup_steps < total_steps``, as
+  :func:`optimizer` passes them). Written with ``jnp`` (``xp``, default) so
   that every argument may be traced (optax's takes the step counts as Python
   numbers); ``xp=numpy`` evaluates it on the host.
   """
