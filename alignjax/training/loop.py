@@ -942,10 +942,10 @@ def _initializer(model_cfg):
   """``(graphdef, jitted key -> state)`` of ``Transformer(model_cfg, rngs=nnx.Rngs(key))``.
 
   One program draws every initial weight: eagerly, each parameter shape compiles
-  its own sampler, each under the persistent compilation cache's 1 s threshold, so
-  every launcher start compiled them all again; this one compiles once per config
-  and process and the cache keeps it (``bench/init.py``). The values are
-  ``nnx.Rngs(seed)``'s, to float32 rounding.
+  its own sampler (under JAX's default 1 s threshold of the persistent cache, every
+  process compiled them all again; with the launchers' threshold of 0, one cache
+  read each); this one compiles once per config and process and the cache keeps it
+  (``bench/init.py``). The values are ``nnx.Rngs(seed)``'s, to float32 rounding.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
