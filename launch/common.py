@@ -108,7 +108,6 @@ def _wrap(main: Callable, help_fn: Callable[[], str]) -> Callable:
     from alignjax.configs import ConfigError  # pylint: disable=import-outside-toplevel
     from alignjax.training import runtime as run_lib  # pylint: disable=import-outside-toplevel
     from alignjax.data.tokenize import DataError  # pylint: disable=import-outside-toplevel
-    from alignjax.training.checkpoint import CheckpointMismatchError  # pylint: disable=import-outside-toplevel
     try:
       run_lib.enable_compilation_cache(_COMPILATION_CACHE.value)
     except ValueError as e:
@@ -120,11 +119,6 @@ def _wrap(main: Callable, help_fn: Callable[[], str]) -> Callable:
         raise
       failed = isinstance(e, run_lib.TrainingFailed)
       _error(str(e), run_lib.EXIT_TRAINING_FAILED if failed else run_lib.EXIT_USER_ERROR)
-    except CheckpointMismatchError as e:   # e.g. written by another version of alignjax
-      if _VERBOSE.value:
-        raise
-      hint = "--fresh starts a new run in a new workdir" if "fresh" in flags.FLAGS else "another --workdir starts anew"
-      _error(f"{e} ({hint}; this one is left alone)", run_lib.EXIT_USER_ERROR)
     except run_lib.Preempted as e:
       print(f"preempted: {e}; checkpoint written, re-run the same command to resume.", file=sys.stderr, flush=True)
       sys.exit(e.exit_code)
@@ -132,6 +126,14 @@ def _wrap(main: Callable, help_fn: Callable[[], str]) -> Callable:
       if _VERBOSE.value:
         raise
       _error("interrupted (Ctrl-C) before training started; nothing was lost.", 130)
+    except Exception as e:  # pylint: disable=broad-except
+      # A checkpoint of another structure (e.g. written by another alignjax). Looked up, not imported:
+      # launchers that never load the checkpoint module (orbax) do not pay for its import.
+      ckpt = sys.modules.get("alignjax.training.checkpoint")
+      if _VERBOSE.value or ckpt is None or not isinstance(e, ckpt.CheckpointMismatchError):
+        raise
+      hint = "--fresh starts a new run in a new workdir" if "fresh" in flags.FLAGS else "another --workdir starts anew"
+      _error(f"{e} ({hint}; this one is left alone)", run_lib.EXIT_USER_ERROR)
   return wrapped
 
 
