@@ -25,11 +25,14 @@ floor / measured ms per new token. The bandwidth is
 measured at the start and again right before each row; a row uses the largest so far (a
 measurement taken while other work loads the machine understates it). ``cpu ms/step``
 is the process CPU time (all threads) per new token, which moves less than the wall time
-when the machine is shared. ``XLA matmul GB/s`` / ``torch matmul GB/s``: the rate at
-which each library's matmul alone reads the layers' projection weights for B rows
-(:func:`matmul_stream_rates`), the kernels' own ceiling under the roofline; in bf16 the
-XLA one is the product alignjax's CPU projections compute (bf16 x bf16 -> float32,
-rounded to bf16).
+when the machine is shared. ``XLA matmul GB/s`` / ``XLA transposed matmul GB/s`` /
+``torch matmul GB/s``: the rate at which each library's matmul alone reads the layers'
+projection weights for B rows (:func:`matmul_stream_rates`), the kernels' own ceiling
+under the roofline; "transposed" is the product of weights held ``[out, in]``, which
+the sampler's decode loop uses on CPU for the MLP weights and the unembedding
+(``transformer.out_major``; the attention projections keep alignjax's ``[in, out]``
+layout); in bf16 the XLA ones are the products alignjax's CPU projections compute
+(bf16 x bf16 -> float32, rounded to bf16).
 
 Tunix (``google-tunix``) is benchmarked when it can be imported (its sampler module only;
 tunix/__init__.py, which pulls in its trainers, is bypassed); its sampler takes text, so a
@@ -116,22 +119,23 @@ def read_bandwidth() -> float:
   return 4 * n / _best_time(lambda: jax.block_until_ready(total(x)), 10)
 
 
-def matmul_stream_rates(hf, batch: int, repeats: int = 5, dtype: str = "float32") -> tuple[float, float]:
+def matmul_stream_rates(hf, batch: int, repeats: int = 5, dtype: str = "float32") -> tuple[float, float, float]:
   """Bytes/s at which XLA's and torch's matmuls read this model's projection weights for ``batch`` rows.
 
   The decoder layers' ``nn.Linear`` weights of the transformers model (the LM head left
   out), each multiplied once by a ``[batch, in]`` activation as a decode step does: XLA
   with the weight in alignjax's ``[in, out]`` layout (alignjax's own projection product,
   ``transformer._weight_product``: in bfloat16 on CPU it accumulates into float32 and
-  rounds to bf16; one jitted program for all of them), torch with its own ``[out, in]``
-  (``F.linear``). Best of ``repeats``. The ratio of the two is the kernels' share of the
-  gap between the samplers.
+  rounds to bf16; one jitted program for all of them), XLA with the weight transposed,
+  ``[out, in]`` (``transformer._out_major_product``, what the sampler's decode loop
+  computes for the MLP weights on CPU; ``transformer.out_major``), and torch with its own
+  ``[out, in]`` (``F.linear``). Best of ``repeats``. Returns (XLA, XLA transposed, torch).
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
 
-  from alignjax.models.transformer import _weight_product  # pylint: disable=import-outside-toplevel
+  from alignjax.models.transformer import OutMajor, _out_major_product, _weight_product  # pylint: disable=import-outside-toplevel
   tdt = getattr(torch, dtype)
   weights = [m.weight.detach().to(tdt) for name, m in hf.named_modules()
              if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")]
@@ -142,9 +146,13 @@ def matmul_stream_rates(hf, batch: int, repeats: int = 5, dtype: str = "float32"
   jx = {k: jnp.asarray(v, dtype) for k, v in xs.items()}
   tx = {k: torch.from_numpy(v).to(tdt) for k, v in xs.items()}
   t_xla = _best_time(lambda: jax.block_until_ready(products(jx, ours)), repeats)
+  transposed = [jnp.asarray(w.float().numpy(), dtype) for w in weights]
+  products_t = jax.jit(lambda xs, ws: [_out_major_product(xs[w.shape[1]], OutMajor(w, out_shape=(w.shape[0],)), 1,
+                                                          xs[w.shape[1]].dtype) for w in ws])
+  t_xla_t = _best_time(lambda: jax.block_until_ready(products_t(jx, transposed)), repeats)
   with torch.no_grad():
     t_torch = _best_time(lambda: [torch.nn.functional.linear(tx[w.shape[1]], w) for w in weights], repeats)
-  return nbytes / t_xla, nbytes / t_torch
+  return nbytes / t_xla, nbytes / t_xla_t, nbytes / t_torch
 
 
 def bytes_per_step(cfg, batch: int, cache_len: float, itemsize: int = 4) -> float:
@@ -274,7 +282,7 @@ def main(argv):
         t_hf = _median_time(run_hf, repeats, cpu_hf)
         agree = float(np.mean(ours == theirs))
         tok = B * N
-        xla_rate, torch_rate = matmul_stream_rates(hf, B, dtype=dtype)
+        xla_rate, xla_t_rate, torch_rate = matmul_stream_rates(hf, B, dtype=dtype)
         step_bytes = bytes_per_step(cfg, B, P + N / 2, itemsize)
         floor = step_bytes / bandwidth
         line = {"size": size, "B": B, "alignjax tok/s": tok / t_ours, "transformers tok/s": tok / t_hf,
@@ -283,7 +291,8 @@ def main(argv):
                 "alignjax cpu ms/step": 1e3 * cpu_ours[0] / N, "transformers cpu ms/step": 1e3 * cpu_hf[0] / N,
                 "GB/s used": bandwidth / 1e9, "floor ms/step": 1e3 * floor,
                 "alignjax roofline": floor / (t_ours / N), "transformers roofline": floor / (t_hf / N),
-                "XLA matmul GB/s": xla_rate / 1e9, "torch matmul GB/s": torch_rate / 1e9,
+                "XLA matmul GB/s": xla_rate / 1e9, "XLA transposed matmul GB/s": xla_t_rate / 1e9,
+                "torch matmul GB/s": torch_rate / 1e9,
                 "compiles (warm-up/timed)": f"{warm_compiles}/{timed_compiles}"}
         if tunix_model is not None:
           try:

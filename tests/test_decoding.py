@@ -10,11 +10,14 @@ the constraints; ``jax.monitoring`` compile events for recompilation.
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from alignjax import decoding, models
+from alignjax import decoding, models, sharding
+from alignjax.decoding import sampler
+from flax import nnx
 from tests import hf_fixtures
 from transformers.generation import logits_process as hf_lp
 
@@ -138,6 +141,49 @@ def test_greedy_matches_transformers_generate_left_padded_with_eos(hf_dirs, fami
   np.testing.assert_allclose(ours_lp, want_lp, atol=2e-4)
   np.testing.assert_allclose(np.asarray(out.model_logprobs), want_lp, atol=2e-4)
   assert np.all(ours_lp[~want_mask] == 0) and np.all(ours[~want_mask] == PAD)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # untied head (transposed) / tied head, soft-caps
+def test_long_decoding_on_cpu_reads_transposed_weights_and_matches_transformers(hf_dirs, family):
+  model, tm = _load(hf_dirs, family)
+  tokens, mask = _prompts(model.config.vocab_size, seed=3)
+  n = sampler.OUT_MAJOR_MIN_TOKENS + 4
+  state = nnx.state(model)
+  # The decode loop runs on transposed MLP weights and head here (CPU, B rows, n tokens), not
+  # for one row, for few tokens, or on a mesh.
+  assert sampler._out_major(state, None, B, n)
+  assert not sampler._out_major(state, None, 1, n) and not sampler._out_major(state, None, B, n - 5)
+  assert not sampler._out_major(state, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]), B, n)
+  seq, logits = _hf_generate(tm, tokens, mask, n, ())
+  out = decoding.generate(model, tokens, mask, max_new_tokens=n, pad_token_id=PAD, return_model_logprobs=True)
+  np.testing.assert_array_equal(np.asarray(out.tokens), seq)
+  want_lp = np.take_along_axis(_log_softmax(logits), seq[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(out.model_logprobs), want_lp, atol=2e-4)
+
+
+@pytest.mark.parametrize("scan,dtype", [(False, jnp.float32), (True, jnp.float32), (False, jnp.bfloat16)])
+def test_out_major_holds_transposed_mlp_weights_and_head_and_computes_the_same(hf_dirs, scan, dtype):
+  from alignjax.models import transformer
+  base = _load(hf_dirs, "llama")[0] if dtype == jnp.float32 else models.from_hf(hf_dirs["llama"], dtype=dtype)
+  model = transformer.stack_layers(base) if scan else base
+  graphdef, state = nnx.split(model)
+  tokens, mask = _prompts(model.config.vocab_size)
+
+  def forward(state, transposed):
+    m = nnx.merge(graphdef, state)
+    if transposed:
+      transformer.out_major(m)
+    h = m(tokens, attention_mask=mask, return_hidden=True)
+    mlp = m.layers.mlp if scan else m.layers[0].mlp
+    return m.unembed(h), {k: getattr(mlp, k)[...] for k in ("gate", "up", "down")}, m.lm_head[...]
+
+  plain, plain_w, plain_head = jax.jit(forward, static_argnums=1)(state, False)
+  got, got_w, got_head = jax.jit(forward, static_argnums=1)(state, True)
+  for k, w in plain_w.items():  # [.., in, out] -> [.., out, in]
+    np.testing.assert_array_equal(np.asarray(got_w[k]), np.swapaxes(np.asarray(w), -1, -2))
+  np.testing.assert_array_equal(np.asarray(got_head), np.asarray(plain_head).T)
+  scale = np.abs(np.asarray(plain)).max()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(plain), atol=(1e-5 if dtype == jnp.float32 else 3e-2) * scale)
 
 
 def test_right_padded_prompts_equal_left_padded(hf_dirs):

@@ -14,11 +14,18 @@ cache length, whether the program is greedy, which optional inputs are present, 
 the models' structure (their ``nnx.GraphDef``). The program is compiled once per such
 key and reused (``jax.jit``'s cache); the caches are created inside the program, so
 their buffers are updated in place and never leave the device.
+
+On CPU, for two rows or more, the decode loop reads the MLP weights and the
+unembedding from transposed copies made once per program, after the prefill
+(:func:`alignjax.models.transformer.out_major`): XLA's CPU GEMM packs the whole
+weight at every product of a few rows, while a product of ``[out, in]`` weights
+streams them (bench/decoding.py prints both rates).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -30,6 +37,15 @@ from jax import lax
 from alignjax.decoding import combine as combine_lib
 from alignjax.decoding import constraints as constraints_lib
 from alignjax.decoding import processors
+from alignjax.models import transformer as transformer_lib
+
+# On CPU the decode loop reads the models' MLP weights and unembedding from transposed copies
+# made once per program (`transformer.out_major`), held beside the originals while it runs:
+# only for models of at most this many bytes of state together, at least 2 rows (one row
+# is a matrix-vector product, fast either way) and at least OUT_MAJOR_MIN_TOKENS new
+# tokens (on bench/decoding.py's 100M model at B=8 the transposes cost what ~9 steps save).
+OUT_MAJOR_MAX_BYTES = 4 << 30
+OUT_MAJOR_MIN_TOKENS = 16
 
 
 class GenerateOutput(NamedTuple):
@@ -262,15 +278,26 @@ def generate(model, prompt_tokens, prompt_mask, *, max_new_tokens: int, temperat
                  allowed_tokens, constraint, weights,
                  max_new_tokens=N, cache_len=S, greedy=greedy,
                  return_model_logprobs=bool(return_model_logprobs), mesh=mesh,
-                 selector=sel, selector_args=sel_args)
+                 selector=sel, selector_args=sel_args, out_major=_out_major(states, mesh, B, N))
   return GenerateOutput(*out)
 
 
+def _out_major(states, mesh, batch: int, new_tokens: int) -> bool:
+  """Whether the decode loop runs on transposed weights (unsharded CPU models; see ``OUT_MAJOR_MAX_BYTES``)."""
+  leaves = [x for x in jax.tree.leaves(states) if isinstance(x, (jax.Array, jax.core.Tracer))]
+  if mesh is not None or not leaves or batch < 2 or new_tokens < OUT_MAJOR_MIN_TOKENS:
+    return False
+  committed = [x for x in leaves if not isinstance(x, jax.core.Tracer)]
+  platforms = {d.platform for x in committed for d in x.devices()} or {jax.default_backend()}
+  nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
+  return platforms == {"cpu"} and nbytes <= OUT_MAJOR_MAX_BYTES
+
+
 @functools.partial(jax.jit, static_argnames=("graphdefs", "max_new_tokens", "cache_len", "greedy",
-                                               "return_model_logprobs", "mesh", "selector"))
+                                               "return_model_logprobs", "mesh", "selector", "out_major"))
 def _program(graphdefs, states, tokens, mask, temperature, top_k, top_p, eos_ids, pad_id, rng,
              allowed, dfa, weights, *, max_new_tokens, cache_len, greedy, return_model_logprobs,
-             mesh=None, selector=None, selector_args=(None, None)):
+             mesh=None, selector=None, selector_args=(None, None), out_major=False):
   """The whole generation as one XLA program (see the module docstring)."""
   models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
   if selector is not None:
@@ -294,6 +321,9 @@ def _program(graphdefs, states, tokens, mask, temperature, top_k, top_p, eos_ids
     logits_list.append(z)
     V = z.shape[-1]
   eos_onehot = jnp.zeros((V,), bool).at[eos_ids].set(True) if eos_ids.shape[0] else jnp.zeros((V,), bool)
+  if out_major:  # the decode steps' products of B rows stream the weights (see transformer.out_major)
+    for m in models:
+      transformer_lib.out_major(m)
 
   def choose(logits_list, step, done, dfa_state, sel_carry=None):
     if weights is None:

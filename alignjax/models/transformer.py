@@ -181,6 +181,59 @@ def _weight_product(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
   return y.reshape(lead + w.shape[n_in:])
 
 
+class OutMajor(nnx.Variable):
+  """A weight held as its 2-D transpose ``[..., out, in]`` for decoding on CPU (see :func:`out_major`).
+
+  Metadata ``out_shape``: the output axes of the original ``[in..., out...]`` weight.
+  """
+
+
+def _out_major_product(x: jax.Array, w: OutMajor, n_in: int, dtype) -> jax.Array:
+  """``x . W`` from ``W^T [N, K]``: ``(W^T . x^T)^T``, the [N, M] product kept in that layout.
+
+  The optimization barrier stops XLA from folding the final transpose into the dot,
+  which would turn it back into the ``[M, K] . [K, N]`` GEMM this path avoids.
+  """
+  lead, k = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+  wt = w[...].astype(x.dtype)
+  y = jax.lax.dot_general(wt, x.reshape(-1, k), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  return jax.lax.optimization_barrier(y).T.astype(dtype).reshape(lead + tuple(w.out_shape))
+
+
+# The MLP's weights, [in, out] each (stacked [L, in, out] in a scanned model).
+_MLP_WEIGHTS = ("gate", "up", "down")
+
+
+def out_major(model: nnx.Module) -> None:
+  """Holds ``model``'s MLP weights and unembedding transposed, ``[out, in]``, in place (decoding on CPU).
+
+  XLA's CPU backend runs a product of a few rows ``x [M, K] . W [K, N]`` (a decode step:
+  M = batch rows) as a GEMM that packs all of W at every call; from M = 2 on it reads
+  W slower than ``W^T [N, K] . x^T`` streams it (at M = 8 and W of 768 x 32000: 9 vs
+  16 GB/s). The sampler calls this on copies of its models merged inside its program,
+  after the prefill and outside the decode loop, so the transposes are made once per
+  program (the transposed weights are held beside the originals meanwhile); a tied
+  unembedding already is ``[out, in]`` and costs nothing. The attention projections
+  stay as they are: transposed, they made bench/decoding.py's 100M model no faster.
+  Values are the same up to float summation order; LoRA adapters are not transposed.
+  """
+  for _, node in list(nnx.iter_graph(model)):
+    if isinstance(node, MLP):
+      for name in _MLP_WEIGHTS:
+        var = getattr(node, name, None)
+        if isinstance(var, nnx.Param):
+          wt = jax.lax.optimization_barrier(jnp.swapaxes(var[...], -1, -2))
+          setattr(node, name, OutMajor(wt, out_shape=(wt.shape[-2],), eager_sharding=False))
+    elif isinstance(node, Transformer) and not isinstance(node.lm_head, OutMajor):
+      if node.lm_head is not None:
+        head = jax.lax.optimization_barrier(node.lm_head[...].T)
+      elif node.config.tie_embeddings:
+        head = node.embed[...]
+      else:  # a reward model's backbone: no unembedding
+        continue
+      node.lm_head = nnx.data(OutMajor(head, out_shape=(head.shape[0],), eager_sharding=False))  # None was static
+
+
 def _linear(module: nnx.Module, name: str, x: jax.Array, *, n_in: int) -> jax.Array:
   """``x . W`` for the weight ``module.<name>``, plus its LoRA adapter if it has one.
 
@@ -196,7 +249,11 @@ def _linear(module: nnx.Module, name: str, x: jax.Array, *, n_in: int) -> jax.Ar
   CPU XLA then computes the weight gradient x^T dy without transposing activations first
   (bench/dpo_step.py's 100M DPO step: 7.3 s instead of 9.2 s on a 2-core AVX-512 host).
   """
-  y = _weight_product(x, getattr(module, name)[...].astype(x.dtype), n_in)
+  w = getattr(module, name)
+  if isinstance(w, OutMajor):
+    y = _out_major_product(x, w, n_in, x.dtype)
+  else:
+    y = _weight_product(x, w[...].astype(x.dtype), n_in)
   a = getattr(module, name + "_lora_a", None)
   scale = getattr(module, "lora_scale", None)  # set with the adapters by apply_lora
   if a is None or scale is None or not getattr(module, "lora_enabled", True):
@@ -393,7 +450,9 @@ class Transformer(nnx.Module):
     """Float32 logits [..., V] from final-normed hidden [..., D] (tied or untied head, final soft-cap)."""
     # Float32 logits (accumulated in float32 from the compute-dtype hidden and weights): a
     # bf16 logit of magnitude 20 is only known to 0.125, which log-probs inherit.
-    if self.lm_head is None:
+    if isinstance(self.lm_head, OutMajor):
+      logits = _out_major_product(hidden, self.lm_head, 1, jnp.float32)
+    elif self.lm_head is None:
       logits = jnp.einsum("...d,vd->...v", hidden, self.embed[...].astype(hidden.dtype),
                           preferred_element_type=jnp.float32)
     else:
