@@ -452,11 +452,14 @@ def _abstract_batch(experiment: Experiment, reference_mode: str):
 
 
 def make_optimizer(experiment: Experiment):
-  """AdamW with warm-up + cosine decay, as training builds it (shapes are what matter)."""
-  import optax  # noqa: PLC0415
-  schedule = optax.warmup_cosine_decay_schedule(0.0, experiment.learning_rate, 100, 1000,
-                                                end_value=0.1 * experiment.learning_rate)
-  return optax.adamw(schedule, weight_decay=0.0)
+  """Training's optimizer (:func:`alignjax.training.loop.optimizer`): AdamW whose schedule values are state.
+
+  The schedule's step counts, the learning rate and the weight decay are inputs of
+  the step, so any values give the program training compiles.
+  """
+  from alignjax.training import config as config_lib, loop  # noqa: PLC0415
+  phase = config_lib.PhaseConfig(steps=1000, learning_rate=experiment.learning_rate, warmup_steps=100)
+  return loop.optimizer(phase, weight_decay=0.0)
 
 
 @dataclasses.dataclass

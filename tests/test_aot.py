@@ -102,7 +102,9 @@ def test_parameter_bytes_fall_by_fsdp_factor(searched):
   n = TINY.num_params
   # Replicated (fsdp=1): every device holds all float32 parameters, 2 Adam moments each.
   assert f1.params_bytes == 4 * n
-  assert f1.opt_bytes == 2 * 4 * n + 2 * 4  # mu, nu + int32 counts of Adam and the schedule
+  # mu, nu + int32 counts of Adam, the schedule and inject_hyperparams + its float32 learning rate,
+  # warm-up, step budget and weight decay (training's optimizer: loop.optimizer).
+  assert f1.opt_bytes == 2 * 4 * n + 3 * 4 + 4 * 4
   # fsdp=4: the embed axis is split; only the [D] norms (replicated) are left whole.
   norms = (2 * TINY.num_layers + 1) * TINY.hidden_size * 4
   assert f4.params_bytes == (4 * n - norms) // 4 + norms
@@ -156,7 +158,7 @@ def test_compiled_step_is_the_training_step():
   """The planner's step lowers to the same HLO as the step training builds from a real model."""
   from alignjax import sharding as sharding_lib
   from alignjax.data import batch as batch_lib
-  from alignjax.training import algorithms, reference as reference_lib, steps
+  from alignjax.training import algorithms, config as config_lib, loop, reference as reference_lib, steps
 
   cpu = aot.get_topology("v5e:2x2", backend="cpu")
   exp = _exp(batch_size=4)
@@ -170,7 +172,7 @@ def test_compiled_step_is_the_training_step():
   cfg = exp.model_config()
   policy = Transformer(cfg, rngs=nnx.Rngs(0))
   ref_model = Transformer(dataclasses.replace(cfg, param_dtype="float32"), rngs=nnx.Rngs(1))
-  tx = aot.make_optimizer(exp)
+  tx = loop.optimizer(config_lib.PhaseConfig(steps=7, learning_rate=3e-4, warmup_steps=2), weight_decay=0.1)
   ref, frozen = reference_lib.online(ref_model, mesh=mesh)
   step = steps.make_train_step(policy, tx, algorithms.loss("dpo"), ref, mesh=mesh,
                                max_grad_norm=exp.max_grad_norm, compute_dtype=jnp.float32,
