@@ -26,6 +26,26 @@ def xla_flags(devices: int | None = None, base: str = "") -> str:
   return " ".join(flags)
 
 
+def coordinator_port(base: int) -> int:
+  """A free local port for a two-process test's ``jax.distributed`` coordinator: the first free one from ``base``.
+
+  JAX's persistent compilation cache keys a multi-process program by the coordinator
+  address too, so a port that changes every run compiles those programs anew every run
+  (25 of the 30 s of tests/test_loop_sharded.py's two-process run). Each test file
+  passes its own ``base``, so files running at once in two pytest workers do not race
+  for one port.
+  """
+  import socket  # pylint: disable=import-outside-toplevel
+  for port in list(range(base, base + 32)) + [0]:  # 0: any free port, if all of those are taken
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+      return s.getsockname()[1]
+  raise OSError("coordinator_port: no free local port")
+
+
 def subprocess_env(**overrides: str) -> dict[str, str]:
   """The environment of a one-device test subprocess: this one's, with the compile flags and no fake devices."""
   return dict(os.environ, XLA_FLAGS=xla_flags(), **overrides)

@@ -6,7 +6,6 @@ Reference: the single-device, single-process, uninterrupted run of the same conf
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from alignjax.training import config as config_lib
 from alignjax.training import loop
 from alignjax.training import runtime as run_lib
-from tests.conftest import subprocess_env
+from tests.conftest import coordinator_port, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,9 +89,7 @@ if jax.process_index() == 0:
 
 
 def test_two_processes_train_like_one(tmp_path, single):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = coordinator_port(29531)
   overrides = {**BASE, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
   env = subprocess_env()
   procs = [subprocess.Popen(

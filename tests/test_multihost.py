@@ -9,7 +9,6 @@ model on the same directory (and the single-process alignjax model).
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,19 +17,13 @@ import pytest
 import torch
 
 from tests import hf_fixtures
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, coordinator_port, subprocess_env
 
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _run_two_processes(hf_dir, out_dir, timeout=120):
-  port = _free_port()
+  port = coordinator_port(29431)
   env = {k: v for k, v in subprocess_env().items() if k != "JAX_PLATFORMS"}
   procs = [
       subprocess.Popen([sys.executable, WORKER, str(i), str(port), hf_dir, out_dir], env=env,
