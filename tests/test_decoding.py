@@ -151,7 +151,7 @@ def test_long_decoding_on_cpu_reads_transposed_weights_and_matches_transformers(
   state = nnx.state(model)
   # The decode loop runs on transposed MLP weights and head here (CPU, B rows, n tokens), not
   # for one row, for few tokens, or on a mesh.
-  assert sampler._out_major(state, None, B, n)
+  assert sampler._out_major(state, None, B, n) and sampler._out_major((state, jax.random.key(0)), None, B, n)
   assert not sampler._out_major(state, None, 1, n) and not sampler._out_major(state, None, B, n - 5)
   assert not sampler._out_major(state, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]), B, n)
   seq, logits = _hf_generate(tm, tokens, mask, n, ())

@@ -289,7 +289,7 @@ def _out_major(states, mesh, batch: int, new_tokens: int) -> bool:
     return False
   committed = [x for x in leaves if not isinstance(x, jax.core.Tracer)]
   platforms = {d.platform for x in committed for d in x.devices()} or {jax.default_backend()}
-  nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
+  nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)  # key arrays (LoRA dropout) too
   return platforms == {"cpu"} and nbytes <= OUT_MAJOR_MAX_BYTES
 
 
