@@ -287,8 +287,8 @@ def _out_major(states, mesh, batch: int, new_tokens: int) -> bool:
   leaves = [x for x in jax.tree.leaves(states) if isinstance(x, (jax.Array, jax.core.Tracer))]
   if mesh is not None or not leaves or batch < 2 or new_tokens < OUT_MAJOR_MIN_TOKENS:
     return False
-  committed = [x for x in leaves if not isinstance(x, jax.core.Tracer)]
-  platforms = {d.platform for x in committed for d in x.devices()} or {jax.default_backend()}
+  concrete = [x for x in leaves if not isinstance(x, jax.core.Tracer)]  # inside a user's jit: the default backend
+  platforms = {d.platform for x in concrete for d in x.devices()} or {jax.default_backend()}
   nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)  # key arrays (LoRA dropout) too
   return platforms == {"cpu"} and nbytes <= OUT_MAJOR_MAX_BYTES
 
