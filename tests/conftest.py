@@ -31,7 +31,7 @@ def coordinator_port(base: int) -> int:
 
   JAX's persistent compilation cache keys a multi-process program by the coordinator
   address too, so a port that changes every run compiles those programs anew every run
-  (25 of the 30 s of tests/test_loop_sharded.py's two-process run). Each test file
+  (tests/test_loop_sharded.py's two-process run: 25 s of compile in each process). Each test file
   passes its own ``base``, so files running at once in two pytest workers do not race
   for one port.
   """
