@@ -15,17 +15,21 @@ of ``--repeats`` timed calls after one warm-up call), the ratio to transformers,
 the greedy tokens agree with transformers, and the number of XLA compilations during
 the warm-up and the timed calls (0 expected for the latter).
 
+Decode step: ``ms/step`` is the time one more decode step adds, (t(N) - t(N0)) / (N - N0)
+for N = ``--new_tokens`` and N0 = N / 4 new tokens (medians of ``--repeats`` calls each), so
+the prefill and per-call set-up cancel out; ``step ratio`` compares the two libraries' steps
+(``tok/s`` and ``ratio vs transformers`` include the prefill).
 Roofline: a decode step reads every weight once (the matmul parameters, LM head included;
 the embedding rows looked up are negligible) plus the KV cache (K and V of every layer,
-mean length ``prompt + new / 2``), at ``--dtype``'s size. ``bytes/step`` is that sum; the floor is
+mean length ``prompt + (N + N0) / 2``), at ``--dtype``'s size. ``bytes/step`` is that sum; the floor is
 ``bytes/step / bandwidth``, the bandwidth measured here as the read rate of a jitted sum
 over a 256 MiB array (a decode step reads; an elementwise copy into a fresh output also
 pays for first-touching its pages and understates the rate ~3x on CPU); ``roofline`` =
-floor / measured ms per new token. The bandwidth is
+floor / ``ms/step``. The bandwidth is
 measured at the start and again right before each row; a row uses the largest so far (a
-measurement taken while other work loads the machine understates it). ``cpu ms/step``
-is the process CPU time (all threads) per new token, which moves less than the wall time
-when the machine is shared. ``XLA matmul GB/s`` / ``XLA transposed matmul GB/s`` /
+measurement taken while other work loads the machine understates it). ``cpu ms/token``
+is the process CPU time (all threads) per new token, prefill included, which moves less
+than the wall time when the machine is shared. ``XLA matmul GB/s`` / ``XLA transposed matmul GB/s`` /
 ``torch matmul GB/s``: the rate at which each library's matmul alone reads the layers'
 projection weights for B rows (:func:`matmul_stream_rates`), the kernels' own ceiling
 under the roofline; "transposed" is the product of weights held ``[out, in]``, which
@@ -226,6 +230,7 @@ def main(argv):
   sizes = ["tiny"] if quick else _SIZES.value
   batches = [1, 2] if quick else [int(b) for b in _BATCHES.value]
   P, N = (8, 8) if quick else (_PROMPT.value, _NEW.value)
+  N0 = N // 4  # the shorter decode that the per-step time is taken against
   repeats = 1 if quick else _REPEATS.value
   dtype = _DTYPE.value
   itemsize = jnp.dtype(dtype).itemsize
@@ -258,8 +263,8 @@ def main(argv):
         prompts = rng.integers(3, cfg.vocab_size, (B, P)).astype(np.int32)
         mask = np.ones((B, P), bool)
 
-        def run_alignjax():
-          out = decoding.generate(model, prompts, mask, max_new_tokens=N)
+        def run_alignjax(n=N):
+          out = decoding.generate(model, prompts, mask, max_new_tokens=n)
           return np.asarray(out.tokens)
 
         before = counter.count
@@ -274,23 +279,28 @@ def main(argv):
         ids = torch.tensor(prompts, dtype=torch.long)
         am = torch.ones_like(ids)
 
-        def run_hf():
+        def run_hf(n=N):
           with torch.no_grad():
-            return hf.generate(ids, attention_mask=am, max_new_tokens=N, min_new_tokens=N,
+            return hf.generate(ids, attention_mask=am, max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, eos_token_id=None, pad_token_id=0)[:, P:].numpy()
         theirs = run_hf()
         t_hf = _median_time(run_hf, repeats, cpu_hf)
+        # The decode step: the time that N - N0 more new tokens add (prefill and set-up cancel out).
+        run_alignjax(N0)
+        step_ours = (t_ours - _median_time(lambda: run_alignjax(N0), repeats)) / (N - N0)
+        step_hf = (t_hf - _median_time(lambda: run_hf(N0), repeats)) / (N - N0)
         agree = float(np.mean(ours == theirs))
         tok = B * N
         xla_rate, xla_t_rate, torch_rate = matmul_stream_rates(hf, B, dtype=dtype)
-        step_bytes = bytes_per_step(cfg, B, P + N / 2, itemsize)
+        step_bytes = bytes_per_step(cfg, B, P + (N + N0) / 2, itemsize)
         floor = step_bytes / bandwidth
         line = {"size": size, "B": B, "alignjax tok/s": tok / t_ours, "transformers tok/s": tok / t_hf,
                 "ratio vs transformers": t_hf / t_ours, "agree": agree, "MB/step": step_bytes / 1e6,
-                "alignjax ms/step": 1e3 * t_ours / N, "transformers ms/step": 1e3 * t_hf / N,
-                "alignjax cpu ms/step": 1e3 * cpu_ours[0] / N, "transformers cpu ms/step": 1e3 * cpu_hf[0] / N,
+                "alignjax ms/step": 1e3 * step_ours, "transformers ms/step": 1e3 * step_hf,
+                "step ratio": step_hf / step_ours,
+                "alignjax cpu ms/token": 1e3 * cpu_ours[0] / N, "transformers cpu ms/token": 1e3 * cpu_hf[0] / N,
                 "GB/s used": bandwidth / 1e9, "floor ms/step": 1e3 * floor,
-                "alignjax roofline": floor / (t_ours / N), "transformers roofline": floor / (t_hf / N),
+                "alignjax roofline": floor / step_ours, "transformers roofline": floor / step_hf,
                 "XLA matmul GB/s": xla_rate / 1e9, "XLA transposed matmul GB/s": xla_t_rate / 1e9,
                 "torch matmul GB/s": torch_rate / 1e9,
                 "compiles (warm-up/timed)": f"{warm_compiles}/{timed_compiles}"}

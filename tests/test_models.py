@@ -107,6 +107,27 @@ def test_kv_cache_prefill_and_decode_match_transformers(hf_dirs, case_id):
   np.testing.assert_array_equal(np.asarray(cache.positions)[0, 3:12], np.arange(9))
 
 
+def test_kv_cache_holds_the_keys_and_values_of_transformers_cache(hf_dirs):
+  """The prefilled cache holds transformers' own cache (post-RoPE keys); keys [B, Hkv, Dh, S], values [B, Hkv, S, Dh]."""
+  import torch  # pylint: disable=import-outside-toplevel
+  path = hf_dirs("llama_tied_llama3_rope_bias")
+  tokens, mask = _batch(seed=2, T=10)  # left-, right- and both-padded rows
+  model = from_hf(path)
+  cache = model.init_cache(4, 12)
+  _, cache = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask), cache=cache)
+  mask_t = torch.as_tensor(mask.astype(np.int64))
+  with torch.no_grad():
+    hf = load_hf_torch(path)(input_ids=torch.as_tensor(tokens, dtype=torch.long), attention_mask=mask_t,
+                             position_ids=(mask_t.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+  real = mask.astype(bool)
+  for i, layer in enumerate(hf.past_key_values.layers):
+    K, Dh = model.config.num_kv_heads, model.config.head_dim
+    assert cache.k[i].shape == (4, K, Dh, 12) and cache.v[i].shape == (4, K, 12, Dh)
+    for ours, theirs in ((np.swapaxes(np.asarray(cache.k[i]), 2, 3), layer.keys), (np.asarray(cache.v[i]), layer.values)):
+      ours = np.swapaxes(ours[:, :, :10], 1, 2)  # [B, K, S, Dh] -> [B, S, K, Dh] to pick the real slots
+      np.testing.assert_allclose(ours[real], np.swapaxes(theirs.numpy(), 1, 2)[real], atol=TOL, rtol=TOL)
+
+
 @pytest.mark.parametrize("case_id", ["llama_tied_llama3_rope_bias", "qwen2_sliding",
                                      "qwen3_qknorm_headdim", "gemma2_softcap_local_global",
                                      "gpt2"])

@@ -95,7 +95,8 @@ def test_scanned_kv_cache_decoding_matches_full_forward(hf_dirs, family):
   full = np.asarray(model(tokens, attention_mask=mask))
   cache = model.init_cache(3, 12)
   L = model.config.num_layers
-  assert cache.k.shape == (L, 3, 12, model.config.num_kv_heads, model.config.head_dim)
+  K, Dh = model.config.num_kv_heads, model.config.head_dim
+  assert cache.k.shape == (L, 3, K, Dh, 12) and cache.v.shape == (L, 3, K, 12, Dh)
   out, cache = model(tokens[:, :6], attention_mask=mask[:, :6], cache=cache)
   steps = [np.asarray(out)]
   for t in range(6, 9):
@@ -108,10 +109,10 @@ def test_scanned_kv_cache_decoding_matches_full_forward(hf_dirs, family):
   fcache = flat.init_cache(3, 12)
   _, fcache = flat(tokens, attention_mask=mask, cache=fcache)
   for i in range(L):  # slots of real tokens (padded slots hold values no query reads)
-    np.testing.assert_allclose(np.asarray(cache.k[i])[:, :9][real], np.asarray(fcache.k[i])[:, :9][real],
-                               atol=1e-5)
-    np.testing.assert_allclose(np.asarray(cache.v[i])[:, :9][real], np.asarray(fcache.v[i])[:, :9][real],
-                               atol=1e-5)
+    for ours, theirs, order in ((cache.k[i], fcache.k[i], (0, 3, 1, 2)),  # k [B, K, Dh, S] -> [B, S, K, Dh]
+                                (cache.v[i], fcache.v[i], (0, 2, 1, 3))):  # v [B, K, S, Dh] -> [B, S, K, Dh]
+      np.testing.assert_allclose(np.asarray(ours).transpose(order)[:, :9][real],
+                                 np.asarray(theirs).transpose(order)[:, :9][real], atol=1e-5)
   with pytest.raises(ValueError, match="stacked cache"):
     model(tokens[:, :1], cache=fcache)
 

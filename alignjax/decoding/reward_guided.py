@@ -87,7 +87,7 @@ class BestOfNOutput(NamedTuple):
 
 # ---------------------------------------------------------------------------- ARGS
 def _cache_batch_axis(x) -> int:
-  """The batch axis of a KV-cache leaf: k/v are [B,S,K,Dh] or stacked [L,B,S,K,Dh]."""
+  """The batch axis of a KV-cache leaf: k [B,K,Dh,S] / v [B,K,S,Dh], or stacked with L in front."""
   return x.ndim - 4
 
 
@@ -105,16 +105,16 @@ def _keep_candidate(cache, slot, choice, k: int):
   Only the slot written this step differs between a prompt's k rows, so this equals the
   authors' full reorder of the cache (``_reorder_cache(cache, [choice] * k)``).
   """
-  def fix(x):
+  def fix(x, slot_axis):  # slot_axis: after the batch axis (keys 3, values 2)
     ax = _cache_batch_axis(x)
-    col = lax.dynamic_slice_in_dim(x, slot, 1, axis=ax + 1)  # [..., B*k, 1, K, Dh]
+    col = lax.dynamic_slice_in_dim(x, slot, 1, axis=ax + slot_axis)  # [..., B*k, K, ...1...]
     lead = col.shape[:ax]
-    grouped = col.reshape(lead + (-1, k) + col.shape[ax + 1:])  # [..., B, k, 1, K, Dh]
+    grouped = col.reshape(lead + (-1, k) + col.shape[ax + 1:])  # [..., B, k, K, ...1...]
     idx = choice.reshape((1,) * ax + (-1, 1) + (1,) * (col.ndim - ax - 1))
     chosen = jnp.take_along_axis(grouped, idx, axis=ax + 1)
     col = jnp.broadcast_to(chosen, grouped.shape).reshape(col.shape)
-    return lax.dynamic_update_slice_in_dim(x, col, slot, axis=ax + 1)
-  return cache._replace(k=jax.tree.map(fix, cache.k), v=jax.tree.map(fix, cache.v))
+    return lax.dynamic_update_slice_in_dim(x, col, slot, axis=ax + slot_axis)
+  return cache._replace(k=jax.tree.map(lambda x: fix(x, 3), cache.k), v=jax.tree.map(lambda x: fix(x, 2), cache.v))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -400,24 +400,22 @@ def _program(graphdefs, states, tokens, mask, temperature, top_k, top_p, eos_ids
 
 
 def _constrain_cache(cache, mesh):
-  """Shard the cache's [B, S, Hkv, Dh] leaves (batch, -, kv_heads, head_dim), a scanned model's stacked
-  [L, B, S, Hkv, Dh] leaves (layers first) and [B, S] leaves over ``mesh``."""
+  """Shard the cache over ``mesh``: keys [B, Hkv, Dh, S] (batch, kv_heads, head_dim, -), values [B, Hkv, S, Dh]
+  (a scanned model's stacked leaves: layers first), positions and valid [B, S] (batch, -)."""
   if mesh is None:
     return cache
   from alignjax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
 
-  def constrain(x):
-    if x.ndim == 5:
-      names = ("layers", "batch", None, "kv_heads", "head_dim")
-    elif x.ndim == 4:
-      names = ("batch", None, "kv_heads", "head_dim")
-    elif x.ndim == 2:
-      names = ("batch", None)
-    else:
-      return x
-    spec = sharding_lib.logical_to_spec(names, shape=x.shape, mesh=mesh)
-    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
-  return jax.tree.map(constrain, cache)
+  def constrain(*names):
+    def fn(x):
+      axes = (("layers",) if x.ndim == len(names) + 1 else ()) + names
+      spec = sharding_lib.logical_to_spec(axes, shape=x.shape, mesh=mesh)
+      return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+    return fn
+  return cache._replace(k=jax.tree.map(constrain("batch", "kv_heads", "head_dim", None), cache.k),
+                        v=jax.tree.map(constrain("batch", "kv_heads", None, "head_dim"), cache.v),
+                        positions=constrain("batch", None)(cache.positions),
+                        valid=constrain("batch", None)(cache.valid))
 
 
 def _per_row(fn: str, name: str, value: Any, B: int, dtype):
