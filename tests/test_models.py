@@ -128,6 +128,21 @@ def test_kv_cache_holds_the_keys_and_values_of_transformers_cache(hf_dirs):
       np.testing.assert_allclose(ours[real], np.swapaxes(theirs.numpy(), 1, 2)[real], atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_cache_write_puts_the_update_at_its_slots_exactly(dtype):
+  """`_cache_write` (16-bit floats on CPU through their bits) equals NumPy's slice assignment, bit for bit."""
+  from alignjax.models.transformer import _cache_write  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  cache = jnp.asarray(rng.standard_normal((2, 3, 4, 7)), dtype)
+  update = jnp.asarray(rng.standard_normal((2, 3, 4, 2)), dtype)
+  for index in (0, 3, 5):
+    got = jax.jit(lambda c, u, i: _cache_write(c, u, (0, 0, 0, i)))(cache, update, index)
+    want = np.array(cache)
+    want[..., index:index + 2] = np.asarray(update)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint8), want.view(np.uint8))
+
+
 @pytest.mark.parametrize("case_id", ["llama_tied_llama3_rope_bias", "qwen2_sliding",
                                      "qwen3_qknorm_headdim", "gemma2_softcap_local_global",
                                      "gpt2"])

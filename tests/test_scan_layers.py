@@ -84,26 +84,28 @@ def test_scanned_logits_and_gradients_equal_unscanned(hf_dirs, family):
     _close(g_scan.embed[...], g_flat.embed[...])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_scanned_kv_cache_decoding_matches_full_forward(hf_dirs, family):
+@pytest.mark.parametrize("family,dtype", [(f, "float32") for f in FAMILIES] + [("llama", "bfloat16")])
+def test_scanned_kv_cache_decoding_matches_full_forward(hf_dirs, family, dtype):
+  """Prefill + decode steps through the cache equal the cache-free forward (bf16: the cache writes of 16-bit floats)."""
   path = hf_dirs[family]
-  model = from_hf(path, scan_layers=True)
+  model = from_hf(path, scan_layers=True, dtype=dtype)
+  tol = 1e-5 if dtype == "float32" else 3e-2
   tokens, mask = _batch(seed=1)
   tokens = jnp.asarray(tokens)
   mask = jnp.asarray(mask)
   mask = mask.at[:, 6:].set(1)  # real tokens at the decoded positions
-  full = np.asarray(model(tokens, attention_mask=mask))
+  full = np.asarray(model(tokens, attention_mask=mask), np.float32)
   cache = model.init_cache(3, 12)
   L = model.config.num_layers
   K, Dh = model.config.num_kv_heads, model.config.head_dim
   assert cache.k.shape == (L, 3, K, Dh, 12) and cache.v.shape == (L, 3, K, 12, Dh)
   out, cache = model(tokens[:, :6], attention_mask=mask[:, :6], cache=cache)
-  steps = [np.asarray(out)]
+  steps = [np.asarray(out, np.float32)]
   for t in range(6, 9):
     out, cache = model(tokens[:, t:t + 1], attention_mask=mask[:, t:t + 1], cache=cache)
-    steps.append(np.asarray(out))
+    steps.append(np.asarray(out, np.float32))
   real = np.asarray(mask).astype(bool)
-  np.testing.assert_allclose(np.concatenate(steps, axis=1)[real], full[real], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1)[real], full[real], atol=tol, rtol=tol)
   # The stacked cache holds what the per-layer model's cache holds.
   flat = unstack_layers(model)
   fcache = flat.init_cache(3, 12)
@@ -111,8 +113,8 @@ def test_scanned_kv_cache_decoding_matches_full_forward(hf_dirs, family):
   for i in range(L):  # slots of real tokens (padded slots hold values no query reads)
     for ours, theirs, order in ((cache.k[i], fcache.k[i], (0, 3, 1, 2)),  # k [B, K, Dh, S] -> [B, S, K, Dh]
                                 (cache.v[i], fcache.v[i], (0, 2, 1, 3))):  # v [B, K, S, Dh] -> [B, S, K, Dh]
-      np.testing.assert_allclose(np.asarray(ours).transpose(order)[:, :9][real],
-                                 np.asarray(theirs).transpose(order)[:, :9][real], atol=1e-5)
+      np.testing.assert_allclose(np.asarray(ours, np.float32).transpose(order)[:, :9][real],
+                                 np.asarray(theirs, np.float32).transpose(order)[:, :9][real], atol=tol)
   with pytest.raises(ValueError, match="stacked cache"):
     model(tokens[:, :1], cache=fcache)
 

@@ -285,6 +285,23 @@ def _cache_product(a: jax.Array, c: jax.Array) -> jax.Array:
   return jax.lax.platform_dependent(a, c, cpu=fenced, default=product)
 
 
+def _cache_write(cache: jax.Array, update: jax.Array, starts) -> jax.Array:
+  """``dynamic_update_slice(cache, update, starts)``, a 16-bit float cache on CPU through its bits.
+
+  XLA's CPU backend computes a bf16 dynamic-update-slice in float32 (the whole cache
+  converted, updated and converted back: one pass over it per layer and step instead of
+  writing the new slots); on the same bits as uint16 it is a plain copy, about twice as
+  fast (ad hoc, a [8, 4, 64, 576] key cache: 260 instead of 495 us per write).
+  """
+  update = update.astype(cache.dtype)
+  plain = lambda c, u: jax.lax.dynamic_update_slice(c, u, starts)
+  if cache.dtype not in (jnp.bfloat16, jnp.float16):
+    return plain(cache, update)
+  to_bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+  bits = lambda c, u: jax.lax.bitcast_convert_type(plain(to_bits(c), to_bits(u)), c.dtype)
+  return jax.lax.platform_dependent(cache, update, cpu=bits, default=plain)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
@@ -340,8 +357,8 @@ class Attention(nnx.Module):
     new_kv = None
     if cache_kv is not None:
       ck, cv = cache_kv
-      k = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype), (0, 0, 0, cache_index))
-      v = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype), (0, 0, cache_index, 0))
+      k = _cache_write(ck, k.transpose(0, 2, 3, 1), (0, 0, 0, cache_index))
+      v = _cache_write(cv, jnp.swapaxes(v, 1, 2), (0, 0, cache_index, 0))
       new_kv = (k, v)
       k, v = k.astype(x.dtype), v.astype(x.dtype)
     B, T, H, Dh = q.shape
@@ -656,8 +673,8 @@ class Transformer(nnx.Module):
       h, (k, v) = block(h, pos, masks[w], (ck[layer], cv[layer]), index)
       k_new = jax.lax.dynamic_slice_in_dim(k, index, T, axis=3)[None]
       v_new = jax.lax.dynamic_slice_in_dim(v, index, T, axis=2)[None]
-      ck = jax.lax.dynamic_update_slice(ck, k_new.astype(ck.dtype), (layer, 0, 0, 0, index))
-      cv = jax.lax.dynamic_update_slice(cv, v_new.astype(cv.dtype), (layer, 0, 0, index, 0))
+      ck = _cache_write(ck, k_new, (layer, 0, 0, 0, index))
+      cv = _cache_write(cv, v_new, (layer, 0, 0, index, 0))
       return h, ck, cv
 
     x, ck, cv = run_cached((x, cache.k, cache.v), self.layers, which,
