@@ -18,7 +18,9 @@ the warm-up and the timed calls (0 expected for the latter).
 Decode step: ``ms/step`` is the time one more decode step adds, (t(N) - t(N0)) / (N - N0)
 for N = ``--new_tokens`` and N0 = N / 4 new tokens (medians of ``--repeats`` calls each), so
 the prefill and per-call set-up cancel out; ``step ratio`` compares the two libraries' steps
-(``tok/s`` and ``ratio vs transformers`` include the prefill).
+(``tok/s`` and ``ratio vs transformers`` include the prefill). Keep ``--new_tokens`` >= 64:
+below 16 new tokens (``sampler.OUT_MAJOR_MIN_TOKENS``) the sampler decodes without the
+transposed weights described below, so a shorter N0 would mix the two paths.
 Roofline: a decode step reads every weight once (the matmul parameters, LM head included;
 the embedding rows looked up are negligible) plus the KV cache (K and V of every layer,
 mean length ``prompt + (N + N0) / 2``), at ``--dtype``'s size. ``bytes/step`` is that sum; the floor is
