@@ -120,8 +120,8 @@ def test_kv_cache_holds_the_keys_and_values_of_transformers_cache(hf_dirs):
     hf = load_hf_torch(path)(input_ids=torch.as_tensor(tokens, dtype=torch.long), attention_mask=mask_t,
                              position_ids=(mask_t.cumsum(-1) - 1).clamp(min=0), use_cache=True)
   real = mask.astype(bool)
+  K, Dh = model.config.num_kv_heads, model.config.head_dim
   for i, layer in enumerate(hf.past_key_values.layers):
-    K, Dh = model.config.num_kv_heads, model.config.head_dim
     assert cache.k[i].shape == (4, K, Dh, 12) and cache.v[i].shape == (4, K, 12, Dh)
     for ours, theirs in ((np.swapaxes(np.asarray(cache.k[i]), 2, 3), layer.keys), (np.asarray(cache.v[i]), layer.values)):
       ours = np.swapaxes(ours[:, :, :10], 1, 2)  # [B, K, S, Dh] -> [B, S, K, Dh] to pick the real slots
