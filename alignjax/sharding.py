@@ -126,11 +126,37 @@ def param_shardings(model: nnx.Module, mesh: Mesh, params):
   return jax.tree_util.tree_map_with_path(lambda path, x: by_path.get(path_key(path), replicated), params)
 
 
+def put(x, target: jax.sharding.Sharding):
+  """``jax.device_put(x, target)``: where ``target`` spans processes, each process places its own shards of ``x``.
+
+  ``x`` is a value every process holds the same (weights drawn from one seed, read from
+  one checkpoint, a step counter). ``jax.device_put`` of a host or single-device array
+  onto a sharding over several processes first checks that: it allgathers the whole
+  array from every process (``multihost_utils.assert_equal``), once per array. A
+  two-process run of tests/test_loop_sharded.py made 88 such checks, one per parameter
+  of each copy the run places (two train states, the frozen reference twice); on a pod
+  each moves a parameter's full size from every host. Here each process instead
+  cuts its devices' shards from its own copy (``jax.make_array_from_callback``). An
+  array already global (not fully addressable) is resharded by ``jax.device_put``; a
+  target on this process's devices alone is a plain device_put.
+  """
+  if target.is_fully_addressable or not isinstance(x, (jax.Array, np.ndarray)) or (
+      isinstance(x, jax.Array) and not x.is_fully_addressable):
+    return jax.device_put(x, target)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
+def put_tree(tree, shardings):
+  """:func:`put` over a pytree and its matching tree of shardings."""
+  return jax.tree.map(put, tree, shardings)
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
   """Move every variable of `model` onto its NamedSharding, in place; returns the model."""
   for _, var in nnx.iter_graph(model):
     if _is_var(var):
-      var.set_value(jax.device_put(var.get_value(), variable_sharding(var, mesh)))
+      var.set_value(put(var.get_value(), variable_sharding(var, mesh)))
   return model
 
 
@@ -157,4 +183,4 @@ def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
 
 
 __all__ = ["MESH_AXES", "RULES", "batch_sharding", "create_sharded", "logical_to_spec",
-           "make_mesh", "model_shardings", "shard_model", "state_shardings", "variable_sharding"]
+           "make_mesh", "model_shardings", "put", "put_tree", "shard_model", "state_shardings", "variable_sharding"]

@@ -126,9 +126,10 @@ def _schedule_values(phase: config_lib.PhaseConfig, weight_decay: float) -> dict
 
 def set_schedule(state, phase: config_lib.PhaseConfig, weight_decay: float):
   """``state`` (a train state of :func:`optimizer`) with ``phase``'s schedule values (a resumed run's config)."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from alignjax import sharding  # pylint: disable=import-outside-toplevel
   opt = state.opt_state
-  values = {k: jax.device_put(jax.numpy.asarray(v, opt.hyperparams[k].dtype), opt.hyperparams[k].sharding)
+  values = {k: sharding.put(np.asarray(v, opt.hyperparams[k].dtype), opt.hyperparams[k].sharding)
             for k, v in _schedule_values(phase, weight_decay).items()}
   return state._replace(opt_state=opt._replace(hyperparams=values))
 

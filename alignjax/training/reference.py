@@ -84,7 +84,7 @@ def _freeze(models: Mapping[str, nnx.Module], mode: str, mesh) -> tuple[Referenc
     graphdefs[name] = (graphdef, rest)
     if mesh is not None:
       shardings[name] = sharding_lib.param_shardings(model, mesh, p)
-      p = jax.device_put(p, shardings[name])
+      p = sharding_lib.put_tree(p, shardings[name])
     params[name] = p
   return Reference(mode, graphdefs, shardings if mesh is not None else None), params
 

@@ -148,7 +148,8 @@ def frozen_base(model: nnx.Module, *, mesh=None) -> dict[str, Any]:
     return {}
   base = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)[2]
   if mesh is not None:
-    base = jax.device_put(base, _param_shardings(model, mesh, which="base"))
+    from alignjax import sharding as sharding_lib  # noqa: PLC0415 (optional until a mesh is used)
+    base = sharding_lib.put_tree(base, _param_shardings(model, mesh, which="base"))
   return {BASE: base}
 
 
@@ -160,9 +161,10 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, *, mesh=None
   if mesh is None:
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((), jnp.int32))
   shardings = state_shardings(model, tx, mesh)
-  params = jax.device_put(params, shardings.params)
+  from alignjax import sharding as sharding_lib  # noqa: PLC0415
+  params = sharding_lib.put_tree(params, shardings.params)
   init = jax.jit(tx.init, out_shardings=shardings.opt_state)
-  zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), shardings.step)  # distinct buffers (donation)
+  zero = lambda: sharding_lib.put(np.zeros((), np.int32), shardings.step)  # distinct buffers (donation)
   return TrainState(zero(), params, init(params), zero())
 
 
