@@ -148,7 +148,9 @@ def put(x, target: jax.sharding.Sharding):
 
 
 def put_tree(tree, shardings):
-  """:func:`put` over a pytree and its matching tree of shardings."""
+  """:func:`put` over a pytree and its matching tree of shardings (one batched device_put on this process's devices)."""
+  if all(s.is_fully_addressable for s in jax.tree.leaves(shardings)):
+    return jax.device_put(tree, shardings)
   return jax.tree.map(put, tree, shardings)
 
 
