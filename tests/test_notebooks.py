@@ -45,6 +45,58 @@ def test_there_are_notebooks():
   assert NOTEBOOKS, "colab/ holds no notebooks"
 
 
+def _install_cell(path: Path) -> str:
+  return next(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+
+
+def test_every_notebook_starts_with_the_same_install_cell():
+  cells = {p.name: _install_cell(p) for p in NOTEBOOKS}
+  assert len(set(cells.values())) == 1, sorted(cells)
+  import tomllib  # pylint: disable=import-outside-toplevel
+  with open(ROOT / "pyproject.toml", "rb") as f:
+    repository = tomllib.load(f)["project"]["urls"]["Repository"]
+  assert f'"ALIGNJAX_REPO", "{repository}"' in next(iter(cells.values())), "clone default != pyproject's Repository"
+
+
+@pytest.mark.parametrize("where, env, importable, expected", [
+    ("elsewhere", None, False, [["git", "clone", "--depth=1", "<Repository>", "alignjax_repo"], "alignjax_repo"]),
+    ("elsewhere", "/srv/alignjax.git", False, [["git", "clone", "--depth=1", "/srv/alignjax.git", "alignjax_repo"],
+                                               "alignjax_repo"]),
+    ("root", None, False, ["."]),
+    ("colab", None, False, [".."]),
+    ("elsewhere", None, True, []),
+])
+def test_install_cell_installs_the_checkout_it_runs_in_or_a_clone(where, env, importable, expected, tmp_path,
+                                                                   monkeypatch):
+  """The cell's commands, recorded instead of run: Colab (alignjax not importable) with no
+  checkout around, inside a checkout (its root, its colab/), and a kernel that has alignjax."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import tomllib  # pylint: disable=import-outside-toplevel
+  with open(ROOT / "pyproject.toml", "rb") as f:
+    repository = tomllib.load(f)["project"]["urls"]["Repository"]
+  monkeypatch.chdir({"elsewhere": tmp_path, "root": ROOT, "colab": ROOT / "colab"}[where])
+  if env is None:
+    monkeypatch.delenv("ALIGNJAX_REPO", raising=False)
+  else:
+    monkeypatch.setenv("ALIGNJAX_REPO", env)
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: (find_spec(name, *a) if importable or name != "alignjax" else None))
+  calls = []
+  monkeypatch.setattr(subprocess, "check_call", lambda cmd: calls.append(list(cmd)))
+  monkeypatch.setattr(os, "chdir", lambda d: calls.append(("chdir", d)))
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  exec(_install_cell(NOTEBOOKS[0]), {})  # pylint: disable=exec-used
+  *clone, checkout = expected or [None]
+  want = [] if not expected else [
+      *[[repository if a == "<Repository>" else a for a in c] for c in clone],
+      [sys.executable, "-m", "pip", "install", "-q", "-e", checkout], ("chdir", checkout)]
+  assert calls == want
+
+
 # The real-model recipe notebook downloads the assets and trains 135M models: the `real` tier.
 CASES = [pytest.param(p, marks=pytest.mark.real) if p.name.startswith("real") else p for p in NOTEBOOKS]
 
