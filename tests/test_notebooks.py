@@ -49,13 +49,17 @@ def _install_cell(path: Path) -> str:
   return next(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
 
 
+def _repository() -> str:
+  """pyproject's ``[project.urls] Repository``: the install cell's clone default."""
+  tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+  with open(ROOT / "pyproject.toml", "rb") as f:
+    return tomllib.load(f)["project"]["urls"]["Repository"]
+
+
 def test_every_notebook_starts_with_the_same_install_cell():
   cells = {p.name: _install_cell(p) for p in NOTEBOOKS}
   assert len(set(cells.values())) == 1, sorted(cells)
-  import tomllib  # pylint: disable=import-outside-toplevel
-  with open(ROOT / "pyproject.toml", "rb") as f:
-    repository = tomllib.load(f)["project"]["urls"]["Repository"]
-  assert f'"ALIGNJAX_REPO", "{repository}"' in next(iter(cells.values())), "clone default != pyproject's Repository"
+  assert f'"ALIGNJAX_REPO", "{_repository()}"' in next(iter(cells.values())), "clone default != pyproject's Repository"
 
 
 @pytest.mark.parametrize("where, env, importable, expected", [
@@ -74,9 +78,7 @@ def test_install_cell_installs_the_checkout_it_runs_in_or_a_clone(where, env, im
   import os  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  import tomllib  # pylint: disable=import-outside-toplevel
-  with open(ROOT / "pyproject.toml", "rb") as f:
-    repository = tomllib.load(f)["project"]["urls"]["Repository"]
+  repository = _repository()
   monkeypatch.chdir({"elsewhere": tmp_path, "root": ROOT, "colab": ROOT / "colab"}[where])
   if env is None:
     monkeypatch.delenv("ALIGNJAX_REPO", raising=False)

@@ -23,8 +23,8 @@ config) and the two data files into JSONL the loaders read:
 Every step is idempotent (written to a temporary name, then renamed): a second call finds
 the outputs and does nothing. Builds of one directory take turns (an exclusive lock on
 ``<root>/.build.lock``), so processes that start at once -- the test tier's pytest workers,
-a notebook kernel -- build the assets once and none reads a half-written file. The directory is ``$ALIGNJAX_ASSETS``, default
-``~/.cache/alignjax/assets``. Failures raise :class:`AssetError` with one line.
+a notebook kernel -- build the assets once and none reads a half-written file. The
+directory is ``$ALIGNJAX_ASSETS``, default ``~/.cache/alignjax/assets``. Failures raise :class:`AssetError` with one line.
 ``python -m alignjax.data.real_assets`` (or ``scripts/real_assets.sh``) builds them.
 The conversion needs ``transformers``, ``torch`` and ``gguf`` (not the main job's dependencies).
 """
