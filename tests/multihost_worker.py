@@ -21,6 +21,9 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
+from tests import process_cache  # noqa: E402
+
+process_cache.store_every_process()
 
 
 def main():

@@ -41,3 +41,24 @@ def test_xla_flags_keep_the_callers_and_add_the_compile_flags_and_devices_once()
   assert conftest.xla_flags(2, "--xla_force_host_platform_device_count=8").split().count(
       "--xla_force_host_platform_device_count=8") == 1
   assert "device_count" not in conftest.subprocess_env()["XLA_FLAGS"]
+
+
+def test_two_process_workers_store_process_1s_programs_too(monkeypatch):
+  # JAX's own _cache_write stores nothing for process 1 (tests/process_cache.py); with the
+  # hook it hands process 1's executable to the cache's put, as process 0's. A JAX that
+  # renamed either function fails here rather than making the two-process tests slow.
+  from jax._src import compilation_cache, compiler, distributed  # pylint: disable=import-outside-toplevel
+  from tests import process_cache  # pylint: disable=import-outside-toplevel
+  stored = []
+  monkeypatch.setattr(compilation_cache, "put_executable_and_time", lambda *args: stored.append(args))
+  monkeypatch.setattr(compilation_cache, "is_cache_used", lambda backend: True)
+  monkeypatch.setattr(distributed.global_state, "process_id", 1)
+  monkeypatch.setattr(compiler, "_cache_write", compiler._cache_write)  # restored after the test
+  args = ("key", 1e6, "jit_step", "backend", "executable", [])
+  compiler._cache_write(*args)
+  assert not stored  # JAX alone: process 1 writes nothing
+  assert process_cache.store_every_process()
+  compiler._cache_write(*args)
+  assert stored == [("key", "jit_step", "executable", "backend", 1_000_000)]
+  compiler._cache_write("key2", 1e6, "jit_cb", "backend", "executable", ["host callback"])
+  assert len(stored) == 1  # host callbacks: JAX's rule (never stored) still applies

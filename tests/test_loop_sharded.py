@@ -77,8 +77,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 sys.path.insert(0, sys.argv[5])
+from tests import process_cache
+process_cache.store_every_process()
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 import numpy as np
 from jax.experimental import multihost_utils
 from alignjax.training import config as config_lib, loop
