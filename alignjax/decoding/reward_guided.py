@@ -259,6 +259,22 @@ def _score(rm, tokens, mask) -> np.ndarray:
   return rm(tokens, mask)
 
 
+@jax.jit
+def _with_prompt(prompt, prompt_mask, tokens, mask):
+  """Prompt + completion rows ``[R, T+N]`` (the reward model's input)."""
+  return (jnp.concatenate([jnp.asarray(prompt, jnp.int32), tokens], axis=1),
+          jnp.concatenate([jnp.asarray(prompt_mask, bool), mask], axis=1))
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _best_rows(scores, tokens, mask, logprobs, *, n):
+  """The highest-scoring of each prompt's ``n`` rows (the first of ties): tokens, mask, logprobs, scores, index."""
+  scores = scores.reshape(-1, n)
+  index = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  pick = jnp.arange(scores.shape[0]) * n + index
+  return tokens[pick], mask[pick], logprobs[pick], scores, index
+
+
 def best_of_n(model, rm, prompt_tokens, prompt_mask, *, n: int, max_new_tokens: int,
               temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(), pad_token_id: int = 0,
               rng, allowed_tokens=None, constraint=None, mesh=None) -> BestOfNOutput:
@@ -319,15 +335,11 @@ def best_of_n(model, rm, prompt_tokens, prompt_mask, *, n: int, max_new_tokens: 
                              temperature=rows(temperature), top_k=rows(top_k), top_p=rows(top_p),
                              eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, rng=rng,
                              allowed_tokens=allowed_tokens, constraint=constraint, mesh=mesh)
-  full = jnp.concatenate([jnp.asarray(rep_tokens, jnp.int32), out.tokens], axis=1)
-  full_mask = jnp.concatenate([jnp.asarray(rep_mask, bool), out.mask], axis=1)
+  full, full_mask = _with_prompt(rep_tokens, rep_mask, out.tokens, out.mask)
   scores = jnp.asarray(_score(rm, full, full_mask), jnp.float32)
   if scores.shape != (B * n,):
     raise ValueError(f"{fn}: `rm` must return one score per row, [{B * n}], got shape {scores.shape}.")
-  scores = scores.reshape(B, n)
-  index = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-  pick = jnp.arange(B) * n + index
-  return BestOfNOutput(out.tokens[pick], out.mask[pick], out.logprobs[pick], scores, index, out)
+  return BestOfNOutput(*_best_rows(scores, out.tokens, out.mask, out.logprobs, n=n), out)
 
 
 # ---------------------------------------------------------------------------- GenARM

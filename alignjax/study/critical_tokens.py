@@ -75,31 +75,50 @@ def train_contrast_models(data_path: str, workdir: str, *, fields: Mapping[str, 
   return out[0], out[1]
 
 
+def _scores_fn(positive, negative) -> Callable[[Any, Any], Any]:
+  """``fn(tokens, attention) -> p_cd [b, T-1]``: one compiled program over both models (per batch shape)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from alignjax import losses as L  # pylint: disable=import-outside-toplevel
+
+  def scores(pos, neg, t, a):
+    return L.critical_token_scores(pos(t, attention_mask=a)[:, :-1], neg(t, attention_mask=a)[:, :-1], t[:, 1:])
+
+  if not (isinstance(positive, nnx.Module) and isinstance(negative, nnx.Module)):
+    return lambda t, a: scores(positive, negative, t, a)   # other callables: as they come
+  (pos_def, pos_state), (neg_def, neg_state) = nnx.split(positive), nnx.split(negative)
+  compiled = jax.jit(lambda ps, ns, t, a: scores(nnx.merge(pos_def, ps), nnx.merge(neg_def, ns), t, a))
+  return lambda t, a: compiled(pos_state, neg_state, t, a)
+
+
 def token_weights(positive, negative, data: Mapping[str, Any], *, batch_size: int = 64) -> dict[str, np.ndarray]:
   """``{"rejected_weights", "chosen_weights"}`` ``[N, T]`` float32 from two models (Lin et al. 2024, Sec. 3).
 
   ``chosen_weights[n, t] = p_cd`` and ``rejected_weights[n, t] = 1 - p_cd`` of
   token ``t`` of that row, ``p_cd = softmax(2 z_pos - z_neg)[token]`` with the
   logits of the positive and negative models at position ``t - 1``
-  (:func:`alignjax.losses.critical_token_scores`); 0 off the response. Runs the
-  models eagerly on ``batch_size`` rows at a time (full ``[b, T, V]`` logits).
+  (:func:`alignjax.losses.critical_token_scores`); 0 off the response. Runs both
+  models in one compiled program on ``batch_size`` rows at a time (full ``[b, T, V]``
+  logits; the last rows padded to a full batch, so one program serves a data set).
   """
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from alignjax import losses as L  # pylint: disable=import-outside-toplevel
   batch_lib.check_preference_batch(data)
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"token_weights: `batch_size` must be a positive int, got {batch_size!r}.")
+  fn = _scores_fn(positive, negative)
   out = {}
   for side in batch_lib.SIDES:
     tokens = np.asarray(data[f"{side}_tokens"])
     attention = np.asarray(data[f"{side}_attention"], bool)
     response = np.asarray(data[f"{side}_response"], bool)
     p = np.zeros(tokens.shape, np.float32)
-    for start in range(0, len(tokens), batch_size):
-      t, a = jnp.asarray(tokens[start:start + batch_size]), jnp.asarray(attention[start:start + batch_size])
-      scores = L.critical_token_scores(positive(t, attention_mask=a)[:, :-1], negative(t, attention_mask=a)[:, :-1],
-                                       t[:, 1:])
-      p[start:start + batch_size, 1:] = np.asarray(scores)
+    rows = min(batch_size, len(tokens))
+    for start in range(0, len(tokens), rows):
+      t, a = tokens[start:start + rows], attention[start:start + rows]
+      n = len(t)
+      if n < rows:  # padding rows (attending to every position), dropped below
+        t = np.concatenate([t, np.zeros((rows - n,) + t.shape[1:], t.dtype)])
+        a = np.concatenate([a, np.ones((rows - n,) + a.shape[1:], bool)])
+      p[start:start + n, 1:] = np.asarray(fn(t, a))[:n]
     weight = p if side == "chosen" else 1.0 - p
     out[f"{side}_weights"] = np.where(response, weight, 0.0).astype(np.float32)
   return {"rejected_weights": out["rejected_weights"], "chosen_weights": out["chosen_weights"]}
