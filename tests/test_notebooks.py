@@ -7,8 +7,9 @@ first (in memory; the file is not changed) shortens it through the config
 module's ``get_config``: DPO (with DeRa) as the only method, fewer steps. Batch
 and sequence shapes stay those of the test config, so the programs
 tests/test_study.py compiled come from the persistent compilation cache
-(tests/conftest.py). (The AlignDistil notebook runs as is: its cost is fixed
-costs, not steps.)
+(tests/conftest.py). The AlignDistil notebook's test-sized pipeline, which
+tests/test_aligndistil_pipeline.py runs and checks in full, gets fewer steps in
+each stage the same way.
 """
 
 from pathlib import Path
@@ -25,6 +26,8 @@ NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 SHORTER = {
     "frontier_study.ipynb": ("configs.study_test", (), dict(
         methods=("dpo",), dpo_betas=(), best_of_n=(), args_weights=(), genarm_alphas=(), sft_steps=10, steps=5)),
+    "aligndistil_pipeline.ipynb": ("configs.aligndistil", ("test",), dict(
+        sft_steps=20, dpo_steps=8, distill_steps=8, onpolicy_steps=8)),
 }
 
 _SHORTEN = """\
