@@ -9,7 +9,8 @@ and sequence shapes stay those of the test config, so the programs
 tests/test_study.py compiled come from the persistent compilation cache
 (tests/conftest.py). The AlignDistil notebook's test-sized pipeline, which
 tests/test_aligndistil_pipeline.py runs and checks in full, gets fewer steps in
-each stage the same way.
+each stage the same way, and the real-model recipe notebook (``real`` tier) DPO
+as its only method (tests/test_real_recipe.py runs all of them).
 """
 
 from pathlib import Path
@@ -28,6 +29,7 @@ SHORTER = {
         methods=("dpo",), dpo_betas=(), best_of_n=(), args_weights=(), genarm_alphas=(), sft_steps=10, steps=5)),
     "aligndistil_pipeline.ipynb": ("configs.aligndistil", ("test",), dict(
         sft_steps=20, dpo_steps=8, distill_steps=8, onpolicy_steps=8)),
+    "real_recipe.ipynb": ("configs.smollm2_dpo", ("test",), dict(methods=("dpo",))),
 }
 
 _SHORTEN = """\
