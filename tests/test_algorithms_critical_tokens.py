@@ -44,6 +44,12 @@ def test_weights_match_transformers_contrastive_estimation(setup, tmp_path):
           want[b, t] = p if side == "chosen" else 1 - p
     np.testing.assert_allclose(got[f"{side}_weights"], want, rtol=2e-4, atol=2e-5, err_msg=side)
   assert got["rejected_weights"][batch["rejected_response"]].std() > 1e-3      # weights vary across tokens
+  # One batch of all 4 rows (3 + 1 padded above), and a split with no rows.
+  whole = ct.token_weights(pos, neg, batch)
+  for k, v in got.items():
+    np.testing.assert_allclose(whole[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+  empty = ct.token_weights(pos, neg, {k: v[:0] for k, v in batch.items()})
+  assert all(v.shape == (0, batch["chosen_tokens"].shape[1]) for v in empty.values())
 
 
 def _numpy_position_loss(policy, ref_model, batch, beta, eps):

@@ -111,7 +111,7 @@ def token_weights(positive, negative, data: Mapping[str, Any], *, batch_size: in
     attention = np.asarray(data[f"{side}_attention"], bool)
     response = np.asarray(data[f"{side}_response"], bool)
     p = np.zeros(tokens.shape, np.float32)
-    rows = min(batch_size, len(tokens))
+    rows = max(1, min(batch_size, len(tokens)))  # (an empty split: no batches)
     for start in range(0, len(tokens), rows):
       t, a = tokens[start:start + rows], attention[start:start + rows]
       n = len(t)
