@@ -11,7 +11,6 @@ References, independent of the code under test:
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 
 from alignjax.data import reviews
 from alignjax.data.synthetic import EOS, PAD
+from tests import launcher_zygote
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,8 +213,7 @@ def test_launcher_refuses_a_missing_contrast_model_with_exit_2(run, tmp_path):
           f"--workdir={tmp_path / 'student'}", f"--config.init.checkpoint={workdir}/sft",
           f"--config.data.path={workdir}/data/preferences", f"--config.distill.dpo_checkpoint={workdir}/dpo",
           f"--config.distill.contrast_checkpoint={tmp_path / 'missing'}"]
-  out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  out = launcher_zygote.run(args, cwd=ROOT, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 2, out.stderr[-2000:]
   lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and "distill.contrast_checkpoint" in lines[0], out.stderr[-2000:]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from alignjax import aot  # noqa: E402
 from alignjax.models import ModelConfig, Transformer, presets  # noqa: E402
+from tests import launcher_zygote  # noqa: E402
 from tests.conftest import xla_flags  # noqa: E402
 
 pytestmark = pytest.mark.no_compilation_cache  # tests/conftest.py
@@ -220,8 +220,8 @@ def test_bad_inputs_one_line_errors(v5e):
 
 def test_plan_launcher_bad_topology_exits_2():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, str(ROOT / "launch" / "plan.py"), "--topology=v7x:2",
-                        "--model=llama_tiny"], capture_output=True, text=True, env=env, timeout=120)
+  out = launcher_zygote.run([sys.executable, str(ROOT / "launch" / "plan.py"), "--topology=v7x:2",
+                             "--model=llama_tiny"], env=env, timeout=120)
   assert out.returncode == 2, out.stderr[-2000:]
   lines = [l for l in out.stderr.splitlines() if l.startswith("plan:")]
   assert len(lines) == 1 and "unknown topology" in lines[0] and "v5e:2x2" in lines[0]
@@ -253,10 +253,10 @@ def test_emit_config_round_trip_runs_on_fake_devices(tmp_path):
   assert {k: flat[k] for k in want} == want
   env = dict(__import__("os").environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
              XLA_FLAGS=xla_flags(4))
-  proc = subprocess.run([py, "-m", "launch.train", f"--config={path}", f"--workdir={tmp_path / 'run'}",
-                         "--config.model.preset=llama_tiny", "--config.sft.steps=1", "--config.dpo.steps=2",
-                         "--config.data.train_examples=64", "--config.data.eval_examples=8",
-                         "--config.eval_batch_size=8", "--config.log_every=1"],
-                        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  proc = launcher_zygote.run([py, "-m", "launch.train", f"--config={path}", f"--workdir={tmp_path / 'run'}",
+                              "--config.model.preset=llama_tiny", "--config.sft.steps=1", "--config.dpo.steps=2",
+                              "--config.data.train_examples=64", "--config.data.eval_examples=8",
+                              "--config.eval_batch_size=8", "--config.log_every=1"],
+                             cwd=root, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (tmp_path / "run" / "final_metrics.json").exists()

@@ -1,10 +1,13 @@
-"""The suite's own machinery in tests/conftest.py: pruning the persistent compilation cache, XLA_FLAGS.
+"""The suite's own machinery: pruning the persistent compilation cache, XLA_FLAGS, the launcher zygote.
 
 Reference: files with access times set by ``os.utime``; the survivors are worked out
-by hand from those times and sizes, not by the pruning code.
+by hand from those times and sizes, not by the pruning code. The zygote's children are
+compared with the same commands run as real subprocesses.
 """
 
 import os
+
+import pytest
 
 from tests import conftest
 
@@ -62,3 +65,50 @@ def test_two_process_workers_store_process_1s_programs_too(monkeypatch):
   assert stored == [("key", "jit_step", "executable", "backend", 1_000_000)]
   compiler._cache_write("key2", 1e6, "jit_cb", "backend", "executable", ["host callback"])
   assert len(stored) == 1  # host callbacks: JAX's rule (never stored) still applies
+
+
+_PROBE = """
+import json, os, sys, time
+import jax
+print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "probe": os.environ.get("PROBE"),
+                  "devices": jax.device_count(), "name": __name__}))
+print("to stderr", file=sys.stderr)
+if sys.argv[1] == "raise":
+  raise ValueError("boom")
+if sys.argv[1] == "wait":
+  print("waiting", flush=True)
+  time.sleep(120)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.skipif(os.environ.get("ALIGNJAX_TEST_ZYGOTE") == "0", reason="ALIGNJAX_TEST_ZYGOTE=0: no zygote")
+def test_launcher_zygote_children_behave_like_subprocesses(tmp_path):
+  # Reference: the same commands as real subprocesses. The forked child takes the request's
+  # argv, cwd, sys.path[0], environment (XLA_FLAGS too: 3 fake devices, not the zygote's) and
+  # exit code; an uncaught exception prints its traceback and exits 1; signals reach it.
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from tests import launcher_zygote  # pylint: disable=import-outside-toplevel
+  (tmp_path / "probe_mod.py").write_text(_PROBE)
+  env = dict(conftest.subprocess_env(JAX_PLATFORMS="cpu", PROBE="yes", PYTHONPATH=str(conftest.ROOT)),
+             XLA_FLAGS=conftest.xla_flags(3))
+  for args in (["-m", "probe_mod", "3"], [str(tmp_path / "probe_mod.py"), "0"], ["-c", _PROBE, "4"],
+               ["-m", "probe_mod", "raise"]):
+    want = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = launcher_zygote.popen([sys.executable, *args], cwd=tmp_path, env=env)
+    assert isinstance(proc, launcher_zygote.Process), f"the suite fell back to subprocesses: {launcher_zygote.disabled}"
+    out, err = proc.communicate(timeout=120)
+    assert (proc.returncode, out) == (want.returncode, want.stdout)
+    assert err.splitlines()[-1] == want.stderr.splitlines()[-1]
+  assert '"devices": 3' in out and '"probe": "yes"' in out and "ValueError: boom" in err
+  merged = launcher_zygote.popen([sys.executable, "-m", "probe_mod", "5"], cwd=tmp_path, env=env, stderr_to_stdout=True)
+  out, err = merged.communicate(timeout=120)
+  assert merged.returncode == 5 and err is None and "to stderr" in out.splitlines() and '"probe": "yes"' in out
+  proc = launcher_zygote.popen([sys.executable, "-m", "probe_mod", "wait"], cwd=tmp_path, env=env)
+  while "waiting" not in proc.stdout.read():
+    assert proc.poll() is None, proc.stderr.read()
+  assert proc.poll() is None
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=60) == -signal.SIGTERM

@@ -7,7 +7,6 @@ transformers and give the same logits (and the same tensors) as the original.
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +15,7 @@ import safetensors.numpy
 import torch
 
 from launch import convert as convert_launcher
-from tests import hf_fixtures
+from tests import hf_fixtures, launcher_zygote
 from tests.conftest import ROOT
 
 _TOKENS = np.array([[3, 17, 5, 9, 22, 1, 8], [4, 4, 30, 2, 11, 7, 19]], np.int64)
@@ -38,8 +37,7 @@ def _tensors(path):
 
 def _run_launcher(*args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", "launch.convert", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = launcher_zygote.run([sys.executable, "-m", "launch.convert", *args], cwd=ROOT, env=env, timeout=300)
   return proc
 
 

@@ -13,6 +13,7 @@ import pytest
 from alignjax.data import batch as batch_lib
 from alignjax.data import files
 from alignjax.data import tokenize as tok_lib
+from tests import launcher_zygote
 
 WORDS = ("how do you sort the digits please what is two plus three it is five four six "
          "they are sorted mixed up user assistant : a b c d e f g h").split()
@@ -418,15 +419,13 @@ def test_plain_prompt_truncation_keeps_no_bos_the_tokenizer_did_not_add(chatml_d
 
 
 def test_no_usable_row_exits_2_with_one_line_through_the_launcher(tok_dir, tmp_path):
-  import subprocess
   import sys
   tdir, _ = tok_dir
   path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "b"}, {"x": 1}])
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cmd = [sys.executable, "-m", "launch.train", f"--workdir={tmp_path / 'run'}", "--config.data.kind=file",
          f"--config.data.path={path}", f"--config.data.tokenizer={tdir}", "--config.data.seq_len=16"]
-  proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                        timeout=300)
+  proc = launcher_zygote.run(cmd, cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and "no usable row in" in lines[0] and "bad.jsonl (2 rows" in lines[0], proc.stderr

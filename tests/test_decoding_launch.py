@@ -5,14 +5,13 @@ Reference: transformers ``generate(do_sample=False)`` on each unpadded prompt.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests import hf_fixtures
+from tests import hf_fixtures, launcher_zygote
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 101
@@ -40,8 +39,7 @@ def model_dir(tmp_path_factory):
 
 def _run(*args, cwd=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  return subprocess.run([sys.executable, "-m", "launch.sample", *args], cwd=cwd or ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return launcher_zygote.run([sys.executable, "-m", "launch.sample", *args], cwd=cwd or ROOT, env=env, timeout=600)
 
 
 def test_sample_launcher_greedy_matches_transformers(model_dir, tmp_path):

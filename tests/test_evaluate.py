@@ -8,7 +8,6 @@ policy's log-probs recomputed in float64 NumPy from its logits.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from alignjax.training import config as config_lib
 from alignjax.training import loop
+from tests import launcher_zygote
 from tests import numpy_reference as ref
 from tests.conftest import subprocess_env
 
@@ -113,8 +113,7 @@ def _tree(workdir):
 
 def _launch(*args):
   env = subprocess_env(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  return subprocess.run([sys.executable, "-m", "launch.evaluate", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+  return launcher_zygote.run([sys.executable, "-m", "launch.evaluate", *args], cwd=ROOT, env=env, timeout=300)
 
 
 def test_launcher_writes_every_step_and_leaves_the_run_untouched(finished, evaluations, tmp_path):

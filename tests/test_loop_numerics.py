@@ -7,15 +7,13 @@ Bad input is refused in one line before any data or model work.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from alignjax.training import config as config_lib
 from alignjax.training import loop
+from tests import launcher_zygote
 from tests.test_run import PY, ROOT, TINY, env, tiny
 
 FAST = {**TINY, "model.num_layers": 2, "sft.steps": 2, "dpo.steps": 3, "checkpoint_every": 100, "log_every": 100}
@@ -88,9 +86,9 @@ def test_reference_mode_needs_a_compatible_algorithm():
 
 
 def test_bad_pod_field_exits_2_before_any_work(tmp_path):
-  proc = subprocess.run([PY, "-m", "launch.train", f"--workdir={tmp_path / 'run'}",
-                         "--config.precision.compute_dtype=fp8", "--config.grad_accum=1"],
-                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+  proc = launcher_zygote.run([PY, "-m", "launch.train", f"--workdir={tmp_path / 'run'}",
+                              "--config.precision.compute_dtype=fp8", "--config.grad_accum=1"],
+                             cwd=ROOT, env=env(), timeout=300)
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith(("WARNING", "I0", "W0"))]
   assert len(lines) == 1 and "config.precision.compute_dtype" in lines[0], proc.stderr[-2000:]

@@ -6,7 +6,6 @@ Reference: the single-device, single-process, uninterrupted run of the same conf
 
 import json
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from alignjax.training import config as config_lib
 from alignjax.training import loop
 from alignjax.training import runtime as run_lib
+from tests import launcher_zygote
 from tests.conftest import coordinator_port, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,9 +102,9 @@ def test_two_processes_train_like_one(tmp_path, single):
   port = coordinator_port(29531)
   overrides = {**BASE, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
   env = subprocess_env()
-  procs = [subprocess.Popen(
+  procs = [launcher_zygote.popen(
       [sys.executable, "-c", _WORKER, f"127.0.0.1:{port}", str(i), json.dumps(overrides), str(tmp_path), str(ROOT)],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+      env=env, stderr_to_stdout=True) for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]

@@ -20,6 +20,7 @@ import pytest
 from alignjax.training import config as config_lib
 from alignjax.training import loop
 from alignjax.training import runtime as run_lib
+from tests import launcher_zygote
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +52,11 @@ def env():
 
 
 def launch(*args, cwd=ROOT, timeout=300):
-  return subprocess.run([PY, "-m", "launch.train", *args], cwd=cwd, env=env(),
-                        capture_output=True, text=True, timeout=timeout)
+  return launcher_zygote.run([PY, "-m", "launch.train", *args], cwd=cwd, env=env(), timeout=timeout)
 
 
 def start(*args, cwd=ROOT):
-  return subprocess.Popen([PY, "-m", "launch.train", *args], cwd=cwd, env=env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return launcher_zygote.popen([PY, "-m", "launch.train", *args], cwd=cwd, env=env())
 
 
 def error_lines(proc):

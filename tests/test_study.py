@@ -30,6 +30,7 @@ from alignjax.data import arrays_tfds, reviews
 from alignjax.data.synthetic import EOS, PAD
 from alignjax.models import ModelConfig, Transformer
 from alignjax.study import evaluation
+from tests import launcher_zygote
 
 V, L = 3, 3  # vocabulary and response length of the enumerable toy
 
@@ -353,12 +354,11 @@ def test_rerun_skips_finished_runs_and_evaluations(study):
   assert sorted(again["skipped"]) == sorted(result["trained"])
   assert [r["reward"] for r in again["rows"]] == [r["reward"] for r in result["rows"]]
   # The launcher on the same workdir: skips everything, says so, prints where the files are.
-  import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-m", "launch.study", "--config=configs/study_test.py",
-                        f"--workdir={result['workdir']}"], cwd=root, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  out = launcher_zygote.run([sys.executable, "-m", "launch.study", "--config=configs/study_test.py",
+                             f"--workdir={result['workdir']}"], cwd=root, timeout=300,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
   assert "finished earlier, skipped" in out.stdout and "trained 0" in out.stdout
   assert f"plot: {result['plot']}" in out.stdout
