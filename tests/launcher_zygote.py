@@ -172,8 +172,9 @@ class _Zygote:
         raise RuntimeError("the launcher zygote exited")
       self.next_id += 1
       req = dict(req, id=self.next_id)
-      self.proc.stdin.write((json.dumps(req) + "\n").encode())
-      self.proc.stdin.flush()
+    self.proc.stdin.write((json.dumps(req) + "\n").encode())  # not under the lock the reader thread takes
+    self.proc.stdin.flush()
+    with self.cond:
       if not self.cond.wait_for(lambda: req["id"] in self.started or self.dead, timeout=60):
         raise RuntimeError("the launcher zygote did not fork")
       if self.dead:
