@@ -49,7 +49,8 @@ def _child(req: dict) -> None:
   """In the forked child: become ``python -m module`` / ``python script`` / ``python -c code``; never returns."""
   import runpy  # pylint: disable=import-outside-toplevel
   import types  # pylint: disable=import-outside-toplevel
-  for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, req["stdout"], os.O_WRONLY), (2, req["stderr"], os.O_WRONLY)):
+  for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, req["stdout"], os.O_WRONLY),
+                         (2, req["stderr"], os.O_WRONLY)):
     if path is None:  # stderr=STDOUT
       os.dup2(1, fd)
       continue
@@ -266,7 +267,8 @@ class Process:
 
 def _request(args: Sequence[str], cwd, env) -> Optional[dict]:
   args = [str(a) for a in args]
-  if len(args) < 2 or os.path.realpath(args[0]) != os.path.realpath(sys.executable):
+  # Not resolved through symlinks: another virtualenv's python (the same binary) has its own packages.
+  if len(args) < 2 or os.path.abspath(args[0]) != os.path.abspath(sys.executable):
     return None
   env = dict(os.environ if env is None else env)
   if _jax_vars(env) != _jax_vars(_env()):
