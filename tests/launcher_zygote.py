@@ -62,23 +62,51 @@ def _child(req: dict) -> None:
   os.environ.clear()
   os.environ.update(req["env"])
   sys.argv = list(req["argv"])
-  if req["module"]:
-    sys.path[0] = os.getcwd()
-    runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
-  elif req["code"] is not None:
-    sys.path[0] = ""
-    main = types.ModuleType("__main__")
-    sys.modules["__main__"] = main
-    exec(compile(req["code"], "<string>", "exec"), main.__dict__)  # pylint: disable=exec-used
-  else:
-    sys.path[0] = os.path.dirname(os.path.abspath(req["argv"][0]))
-    runpy.run_path(req["argv"][0], run_name="__main__")
+  global _exit_status
+  try:
+    if req["module"]:
+      sys.path[0] = os.getcwd()
+      runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+    elif req["code"] is not None:
+      sys.path[0] = ""
+      main = types.ModuleType("__main__")
+      sys.modules["__main__"] = main
+      exec(compile(req["code"], "<string>", "exec"), main.__dict__)  # pylint: disable=exec-used
+    else:
+      sys.path[0] = os.path.dirname(os.path.abspath(req["argv"][0]))
+      runpy.run_path(req["argv"][0], run_name="__main__")
+  except SystemExit as e:  # a code that is not an int: the interpreter prints it and exits 1
+    _exit_status = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    raise
+  except KeyboardInterrupt:  # the interpreter re-raises SIGINT on itself: its normal shutdown
+    raise
+  except BaseException:  # the interpreter prints the traceback
+    _exit_status = 1
+    raise
+  _exit_status = 0
   sys.exit(0)
+
+
+_exit_status: Optional[int] = None
+
+
+def _exit_without_teardown() -> None:
+  """A child's last exit handler: after every other one has run (the code's own, JAX's, logging's) and
+  the non-daemon threads have finished, flush stdio and exit with the status the interpreter would
+  have, skipping the teardown of the preloaded modules (~0.7 s of CPU, the same in a real launcher)."""
+  if _exit_status is not None:
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except (OSError, ValueError):
+        pass
+    os._exit(_exit_status)  # pylint: disable=protected-access
 
 
 def _serve() -> None:
   """The zygote: preload, then fork a child per request line on stdin; report pids and exit codes on stdout."""
   import importlib  # pylint: disable=import-outside-toplevel
+  atexit.register(_exit_without_teardown)  # registered first: runs last
   for name in PRELOAD:
     importlib.import_module(name)
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel

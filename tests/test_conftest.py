@@ -68,10 +68,12 @@ def test_two_process_workers_store_process_1s_programs_too(monkeypatch):
 
 
 _PROBE = """
-import json, os, sys, time
+import atexit, json, os, sys, threading, time
 devices = __import__("jax").device_count() if sys.argv[1] == "3" else None  # a real process importing JAX: ~2 s
 print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "probe": os.environ.get("PROBE"),
                   "devices": devices, "name": __name__}))
+atexit.register(print, "atexit ran")  # after the thread: the interpreter joins threads first
+threading.Thread(target=lambda: (time.sleep(0.05), print("thread done"))).start()
 print("to stderr", file=sys.stderr)
 if sys.argv[1] == "raise":
   raise ValueError("boom")
@@ -86,7 +88,8 @@ sys.exit(int(sys.argv[1]))
 def test_launcher_zygote_children_behave_like_subprocesses(tmp_path):
   # Reference: the same commands as real subprocesses. The forked child takes the request's
   # argv, cwd, sys.path[0], environment (XLA_FLAGS too: 3 fake devices, not the zygote's) and
-  # exit code; an uncaught exception prints its traceback and exits 1; signals reach it.
+  # exit code; an uncaught exception prints its traceback and exits 1; threads are joined and
+  # exit handlers run before it exits (without the modules' teardown); signals reach it.
   import signal  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
@@ -103,7 +106,7 @@ def test_launcher_zygote_children_behave_like_subprocesses(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert (proc.returncode, out) == (want.returncode, want.stdout)
     assert err.splitlines()[-1] == want.stderr.splitlines()[-1]
-  assert '"probe": "yes"' in out and "ValueError: boom" in err
+  assert '"probe": "yes"' in out and out.endswith("thread done\natexit ran\n") and "ValueError: boom" in err
   assert '"devices": 3' in launcher_zygote.run([sys.executable, "-m", "probe_mod", "3"], cwd=tmp_path, env=env).stdout
   merged = launcher_zygote.popen([sys.executable, "-m", "probe_mod", "5"], cwd=tmp_path, env=env, stderr_to_stdout=True)
   out, err = merged.communicate(timeout=120)
