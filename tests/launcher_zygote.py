@@ -114,7 +114,9 @@ def _serve() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   proto = os.dup(1)
-  os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stray prints of the zygote never reach the protocol
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)  # stray prints of the zygote never reach the protocol
+  os.close(devnull)
 
   def send(msg: dict) -> None:
     os.write(proto, (json.dumps(msg) + "\n").encode())
