@@ -258,7 +258,7 @@ class _Output:
 class Process:
   """A forked launcher, as much of ``subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)`` as tests use."""
 
-  def __init__(self, zygote: _Zygote, args: list[str], pid: int, files: tuple[str, str]):
+  def __init__(self, zygote: _Zygote, args: list[str], pid: int, files: tuple[str, ...]):  # stdout[, stderr]
     self._zygote, self.args, self.pid, self._files = zygote, args, pid, files
     self.returncode: Optional[int] = None
     self.stdout, self.stderr = _Output(files[0]), (_Output(files[1]) if len(files) > 1 else None)

@@ -98,6 +98,7 @@ def test_launcher_zygote_children_behave_like_subprocesses(tmp_path):
   (tmp_path / "probe_mod.py").write_text(_PROBE)
   env = dict(conftest.subprocess_env(JAX_PLATFORMS="cpu", PROBE="yes", PYTHONPATH=str(conftest.ROOT)),
              XLA_FLAGS=conftest.xla_flags(3))
+  outs = []
   for args in (["-m", "probe_mod", "3"], [str(tmp_path / "probe_mod.py"), "0"], ["-c", _PROBE, "4"],
                ["-m", "probe_mod", "raise"]):
     want = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -106,8 +107,9 @@ def test_launcher_zygote_children_behave_like_subprocesses(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert (proc.returncode, out) == (want.returncode, want.stdout)
     assert err.splitlines()[-1] == want.stderr.splitlines()[-1]
-  assert '"probe": "yes"' in out and out.endswith("thread done\natexit ran\n") and "ValueError: boom" in err
-  assert '"devices": 3' in launcher_zygote.run([sys.executable, "-m", "probe_mod", "3"], cwd=tmp_path, env=env).stdout
+    outs.append(out)
+  assert '"devices": 3' in outs[0] and '"probe": "yes"' in out and out.endswith("thread done\natexit ran\n")
+  assert "ValueError: boom" in err
   merged = launcher_zygote.popen([sys.executable, "-m", "probe_mod", "5"], cwd=tmp_path, env=env, stderr_to_stdout=True)
   out, err = merged.communicate(timeout=120)
   assert merged.returncode == 5 and err is None and "to stderr" in out.splitlines() and '"probe": "yes"' in out
