@@ -20,7 +20,7 @@ import pytest
 
 from alignjax.data import reviews
 from alignjax.data.synthetic import EOS, PAD
-from tests import launcher_zygote
+from tests import launcher_zygote, notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,8 @@ def _test_config(**overrides):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """The test-sized pipeline, run in two calls: up to DPO, then (after a refused stage) to the end."""
+  """The test-sized pipeline, run in two calls: up to DPO here, then (after a refused stage) to the end in
+  colab/aligndistil_pipeline.ipynb, whose kernel resumes this work directory (the notebook's own test)."""
   from alignjax.study import aligndistil as pipeline
   from alignjax.training import config as config_lib
   from alignjax.training import loop
@@ -50,7 +51,14 @@ def run(tmp_path_factory):
   # The off-policy stage refuses to start without its contrast (reverse-DPO) run.
   with pytest.raises(config_lib.ConfigError, match="distill.contrast_checkpoint") as refused:
     pipeline.stage_config(cfg, "offpolicy", workdir)
-  second = pipeline.run_pipeline(cfg, workdir=workdir, train_fn=train, progress=False)
+  # The notebook builds the same config (configs/aligndistil.py "test") and runs the pipeline in its
+  # tempfile.mkdtemp(prefix="aligndistil_") directory: this one. Its `result` is the second call's.
+  mp = pytest.MonkeyPatch()
+  try:
+    second = notebooks.execute("aligndistil_pipeline.ipynb", tmp_path=tmp_path_factory.mktemp("kernel_tmp"),
+                               monkeypatch=mp, workdir=("aligndistil_", workdir), save="result")
+  finally:
+    mp.undo()
   return cfg, workdir, first, second, calls, str(refused.value)
 
 
@@ -63,7 +71,7 @@ def test_stages_run_in_order_each_once_and_a_rerun_skips_finished_stages(run):
   assert first["trained"] == ["sft", "dpo"]
   assert "\n" not in refused and "rdpo" in refused
   assert second["skipped"] == ["sft", "dpo"] and second["trained"] == ["rdpo", "offpolicy", "onpolicy"]
-  assert calls == ["sft", "dpo", "rdpo", "offpolicy", "onpolicy"]
+  assert calls == ["sft", "dpo"]  # trained here; the notebook's kernel trained the rest
   assert set(second["evaluated"]) == {"rdpo", "offpolicy", "onpolicy"}  # sft/dpo evaluations reused
   assert list(_rows(second)) == ["sft", "dpo", "rdpo", "offpolicy", "onpolicy"]
   with open(second["results"]) as f:
@@ -71,7 +79,7 @@ def test_stages_run_in_order_each_once_and_a_rerun_skips_finished_stages(run):
   from alignjax.study import aligndistil as pipeline
   again = pipeline.run_pipeline(cfg, workdir=workdir, train_fn=lambda c, *, workdir: calls.append(workdir),
                                 progress=False)
-  assert len(calls) == 5 and again["trained"] == [] and again["evaluated"] == []
+  assert len(calls) == 2 and again["trained"] == [] and again["evaluated"] == []
   assert [r["reward"] for r in again["rows"]] == [r["reward"] for r in second["rows"]]
 
 

@@ -1,34 +1,29 @@
 """Executes every notebook in colab/ top to bottom, each in a fresh kernel (as on Colab).
 
-The frontier-study notebook runs the test-sized study of configs/study_test.py,
-which tests/test_study.py runs and checks in full. Here, to check the notebook's
-own code without paying for that study twice, a cell added before the notebook's
-first (in memory; the file is not changed) shortens it through the config
-module's ``get_config``: DPO (with DeRa) as the only method, fewer steps. Batch
-and sequence shapes stay those of the test config, so the programs
-tests/test_study.py compiled come from the persistent compilation cache
-(tests/conftest.py). The AlignDistil notebook's test-sized pipeline, which
-tests/test_aligndistil_pipeline.py runs and checks in full, gets fewer steps in
-each stage the same way, and the real-model recipe notebook (``real`` tier) DPO
-as its only method (tests/test_real_recipe.py runs all of them).
+Two notebooks run the test-sized work that another test module checks in full,
+and are executed there: their kernel resumes that module's work directory (the
+same config) and finishes it, so the work is paid for once.
+colab/frontier_study.ipynb finishes tests/test_study.py's study (stopped before
+its last run), colab/aligndistil_pipeline.ipynb tests/test_aligndistil_pipeline.py's
+pipeline (run up to DPO). The real-model recipe notebook (``real`` tier) runs
+here with DPO as its only method: a cell added before the notebook's first (in
+memory; the file is not changed) shortens it through the config module's
+``get_config`` (tests/test_real_recipe.py runs all of the methods).
 """
 
 from pathlib import Path
 
 import pytest
 
+from tests import notebooks
+
 nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 
 # notebook -> (config module, get_config argument, fields replaced in its config)
 SHORTER = {
-    "frontier_study.ipynb": ("configs.study_test", (), dict(
-        methods=("dpo",), dpo_betas=(), best_of_n=(), args_weights=(), genarm_alphas=(), sft_steps=10, steps=5)),
-    "aligndistil_pipeline.ipynb": ("configs.aligndistil", ("test",), dict(
-        sft_steps=20, dpo_steps=8, distill_steps=8, onpolicy_steps=8)),
     "real_recipe.ipynb": ("configs.smollm2_dpo", ("test",), dict(methods=("dpo",))),
 }
 
@@ -104,24 +99,28 @@ def test_install_cell_installs_the_checkout_it_runs_in_or_a_clone(where, env, im
   assert calls == want
 
 
-# The real-model recipe notebook downloads the assets and trains 135M models: the `real` tier.
-CASES = [pytest.param(p, marks=pytest.mark.real) if p.name.startswith("real") else p for p in NOTEBOOKS]
+# The real-model recipe notebook downloads the assets and trains 135M models: the `real` tier. The
+# study and AlignDistil notebooks finish the work of the test modules that execute them.
+ELSEWHERE = {"frontier_study.ipynb": "tests/test_study.py",
+             "aligndistil_pipeline.ipynb": "tests/test_aligndistil_pipeline.py"}
+CASES = [pytest.param(p, marks=pytest.mark.real) if p.name.startswith("real") else p for p in NOTEBOOKS
+         if p.name not in ELSEWHERE]
+
+
+def test_every_notebook_is_executed_by_a_test():
+  for name, module in ELSEWHERE.items():
+    assert f'notebooks.execute("{name}"' in (ROOT / module).read_text(), (name, module)
+  assert set(ELSEWHERE) <= {p.name for p in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: p.name)
 def test_notebook_runs(path, tmp_path, monkeypatch):
   # The kernel inherits TMPDIR: the notebooks' tempfile.mkdtemp() work directories land in
   # pytest's tmp_path, not in the system temp dir.
-  monkeypatch.setenv("TMPDIR", str(tmp_path))
-  nb = nbformat.read(path, as_version=4)
+  before = None
   if path.name in SHORTER:
     module, args, fields = SHORTER[path.name]
-    nb.cells.insert(0, nbformat.v4.new_code_cell(_SHORTEN.format(module=module, args=args, fields=fields)))
-  client = nbclient.NotebookClient(
-      nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
-  client.execute()
-  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-            if o.get("output_type") == "error"]
-  assert not errors
-  if any("mkdtemp" in c.source for c in nb.cells if c.cell_type == "code"):  # it worked in tmp_path
+    before = _SHORTEN.format(module=module, args=args, fields=fields)
+  notebooks.execute(path.name, tmp_path=tmp_path, monkeypatch=monkeypatch, before=before)
+  if any("mkdtemp" in c for c in notebooks.code_cells(path.name)):  # it worked in tmp_path
     assert any(tmp_path.iterdir()), "the notebook's work directory is not under TMPDIR"

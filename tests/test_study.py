@@ -30,7 +30,7 @@ from alignjax.data import arrays_tfds, reviews
 from alignjax.data.synthetic import EOS, PAD
 from alignjax.models import ModelConfig, Transformer
 from alignjax.study import evaluation
-from tests import launcher_zygote
+from tests import launcher_zygote, notebooks
 
 V, L = 3, 3  # vocabulary and response length of the enumerable toy
 
@@ -200,22 +200,43 @@ def test_arrays_tfds_round_trip_keeps_order_and_metadata(tmp_path):
 # ----------------------------------------------------------------------------- the whole study (test-sized)
 
 
+class _Stopped(Exception):
+  """Raised by the study fixture's ``train_fn`` at the last run: the study stops there, as if killed."""
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-  """The test-sized study of configs/study_test.py, run once for the module."""
+  """The test-sized study of configs/study_test.py, run once for the module: stopped at its last run
+  here, then resumed to the end by colab/frontier_study.ipynb in a fresh kernel (the notebook's own test).
+
+  Returns ``(cfg, result, calls)``: ``result`` is the notebook's ``run_study`` result (JSON round trip),
+  ``calls`` the run directories trained in this process.
+  """
   from alignjax.study import frontier
   from alignjax.training import loop
   from configs import study_test
 
   cfg = frontier.build(study_test.get_config())
   workdir = str(tmp_path_factory.mktemp("study"))
+  last = os.path.join(workdir, "runs", frontier.plan_runs(cfg)[-1].name)
   calls = []
 
   def train(run_cfg, *, workdir):
+    if workdir == last:
+      raise _Stopped(workdir)
     calls.append(workdir)
     return loop.run(run_cfg, workdir=workdir, handle_signals=False)
 
-  result = frontier.run_study(cfg, workdir=workdir, train_fn=train, progress=False)
+  with pytest.raises(_Stopped):
+    frontier.run_study(cfg, workdir=workdir, train_fn=train, progress=False)
+  # The notebook builds the same config and runs the study in its tempfile.mkdtemp(prefix="frontier_")
+  # directory: this one.
+  mp = pytest.MonkeyPatch()
+  try:
+    result = notebooks.execute("frontier_study.ipynb", tmp_path=tmp_path_factory.mktemp("kernel_tmp"),
+                               monkeypatch=mp, workdir=("frontier_", workdir), save="result")
+  finally:
+    mp.undo()
   return cfg, result, calls
 
 
@@ -227,7 +248,10 @@ def test_study_trains_every_run_once_and_writes_outputs(study):
   from alignjax.study import frontier
   cfg, result, calls = study
   specs = frontier.plan_runs(cfg)
-  assert len(calls) == len(specs) + 3 == len(result["trained"])  # + SFT, + critical tokens' two contrast models
+  # Every run trained once: all but the last here (+ SFT, + critical tokens' two contrast models), the
+  # last in the notebook's kernel, which skipped the others.
+  assert len(calls) == len(set(calls)) == len(specs) + 2 == len(result["skipped"])
+  assert result["trained"] == [specs[-1].name]
   assert sum(s.name.startswith("reverse_dpo") for s in specs) == 1  # shared by both AlignDistil variants
   methods = {r["method"] for r in result["rows"]}
   assert methods == set(cfg.methods) | {"sft", "dera", "best_of_n", "args"}
@@ -351,7 +375,7 @@ def test_rerun_skips_finished_runs_and_evaluations(study):
   again = frontier.run_study(cfg, workdir=result["workdir"], train_fn=lambda c, *, workdir: calls.append(workdir),
                              progress=False)
   assert calls == [] and again["trained"] == [] and again["evaluated"] == []
-  assert sorted(again["skipped"]) == sorted(result["trained"])
+  assert sorted(again["skipped"]) == sorted(result["trained"] + result["skipped"])
   assert [r["reward"] for r in again["rows"]] == [r["reward"] for r in result["rows"]]
   # The launcher on the same workdir: skips everything, says so, prints where the files are.
   import sys
