@@ -210,8 +210,18 @@ def _garbage_collected_per_module():
     gc.enable()
 
 
+# The modules that take longest (each 30-80 s of a ~6-minute suite), longest first. pytest-xdist's
+# --dist loadfile hands whole modules to idle workers in collection order; in alphabetical order
+# tests/test_study.py started last, and the other worker sat idle for most of its minute.
+LONGEST_MODULES = ("test_study.py", "test_aot.py", "test_loop_sharded.py", "test_aligndistil_pipeline.py",
+                   "test_loop_numerics.py", "test_run.py", "test_launch.py", "test_scan_layers.py")
+
+
 def pytest_collection_modifyitems(config, items):
-  """The real-model tier (marker ``real``) runs only when asked: ``./test.sh -m real`` or ALIGNJAX_REAL=1."""
+  """The longest modules first (:data:`LONGEST_MODULES`; each module's tests keep their order), and the
+  real-model tier (marker ``real``) only when asked: ``./test.sh -m real`` or ALIGNJAX_REAL=1."""
+  rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
   if "real" in (config.getoption("-m") or "") or os.environ.get("ALIGNJAX_REAL") == "1":
     return
   skip = pytest.mark.skip(reason="real-model tier: run with ./test.sh -m real (builds the assets once per machine)")
