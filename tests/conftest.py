@@ -210,9 +210,10 @@ def _garbage_collected_per_module():
     gc.enable()
 
 
-# The modules that take longest (each 30-80 s of a ~6-minute suite), longest first. pytest-xdist's
-# --dist loadfile hands whole modules to idle workers in collection order; in alphabetical order
-# tests/test_study.py started last, and the other worker sat idle for most of its minute.
+# The modules that take longest (each 25-80 s of a ~6-minute suite), longest first. pytest-xdist's
+# --dist loadfile hands whole modules to idle workers, by default those with the most tests first:
+# tests/test_loop_sharded.py (5 tests, 50 s) started near the end while the other worker sat idle.
+# test.sh passes --no-loadscope-reorder, so they go in this (collection) order.
 LONGEST_MODULES = ("test_study.py", "test_aot.py", "test_loop_sharded.py", "test_aligndistil_pipeline.py",
                    "test_loop_numerics.py", "test_run.py", "test_launch.py", "test_scan_layers.py")
 
