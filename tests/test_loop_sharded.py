@@ -42,7 +42,8 @@ def single(tmp_path_factory):
   return loop.run(_cfg(), workdir=str(tmp_path_factory.mktemp("single")), handle_signals=False)
 
 
-@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 2, 4)], ids=lambda m: "x".join(map(str, m)))
+# The 2x2x2 mesh's run is the preempted-and-resumed one below (and the two processes' one).
+@pytest.mark.parametrize("mesh", [(1, 2, 4)], ids=lambda m: "x".join(map(str, m)))
 def test_sharded_run_matches_single_device(tmp_path, single, mesh):
   d, f, t = mesh
   got = loop.run(_cfg(**{"mesh.data": d, "mesh.fsdp": f, "mesh.tensor": t}), workdir=str(tmp_path),
