@@ -9,7 +9,9 @@ in the same invocation, with the same model config (random init, no downloads), 
 same batch shape, AdamW, global-norm clipping 1.0 and an online frozen reference:
 
 * ``alignjax``: ``training.steps.make_train_step`` (one policy forward over
-  chosen+rejected, chunked fused label log-probs, donated state).
+  chosen+rejected, chunked fused label log-probs over the response positions only
+  (the unembedding and softmax skip the prompt, as TRL's ``use_logits_to_keep``),
+  donated state).
 * ``torch``: a hand-written loop over ``transformers.LlamaForCausalLM`` (one forward
   over chosen+rejected, ``log_softmax(logits).gather``, reference under ``no_grad``).
 * ``trl``: ``trl.DPOTrainer`` on an in-memory ``datasets.Dataset`` with a local

@@ -59,6 +59,52 @@ def test_values_and_grads_match_numpy_float64(rng, chunk_size):
   np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, 6, 64])
+def test_needed_positions_match_numpy_and_the_rest_is_skipped(rng, chunk_size):
+  """``needed`` (a response mask): float64 NumPy values and grads of sum(weights * logp) there, 0 before
+  the first needed position, and the unembedding never runs on a chunk no row needs."""
+  hidden, w, labels, weights = _problem(rng, B=4, T=23)
+  needed = np.zeros(labels.shape, bool)
+  needed[0, 9:15] = True     # a response in the middle, one reaching the end, a row with none,
+  needed[1, 12:] = True      # one that starts last
+  needed[3, 20:] = True
+  weights = np.where(needed, weights, 0).astype(np.float32)   # what a masked sum differentiates
+  want_lp, want_ent, want_dh, want_dw = _numpy_reference(hidden, w, labels, weights)
+  seen = []
+
+  def unembed(x, W):
+    seen.append(x.shape)
+    return x @ W
+
+  def f(h, W):
+    return L.chunked_token_logprobs(h, labels, lambda x: unembed(x, W), chunk_size=chunk_size,
+                                    return_entropy=True, needed=needed)
+
+  lp, ent = jax.jit(f)(hidden, w)
+  np.testing.assert_allclose(np.where(needed, lp, 0), np.where(needed, want_lp, 0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.where(needed, ent, 0), np.where(needed, want_ent, 0), rtol=1e-5, atol=1e-5)
+  assert not np.asarray(lp)[:, :9].any() and not np.asarray(ent)[:, :9].any()   # before the first needed one
+  dh, dw = jax.grad(lambda h, W: jnp.sum(weights * f(h, W)[0]), argnums=(0, 1))(hidden, w)
+  np.testing.assert_allclose(dh, want_dh, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-5)
+  # The unembedding's chunks: min(chunk_size, T) positions each (traced once per program).
+  assert {s[1] for s in seen} == {min(chunk_size, 23)}
+  # Which chunks run: with chunks of 4 from the first needed position (9), one needing nothing (13-16) is
+  # skipped; 17-20 and 21-24 hold needed positions (20, 21, 22).
+  if chunk_size == 4:
+    gap = np.zeros_like(needed)
+    gap[0, 9:11] = gap[2, 20:] = True
+    ran = jax.jit(lambda h: L.chunked_map(lambda x: {"ran": jnp.ones(x.shape[:2])}, [h], chunk_size=4,
+                                            needed=gap)["ran"])(hidden)
+    pos = np.arange(23)
+    np.testing.assert_array_equal(ran, np.broadcast_to(((pos >= 9) & (pos < 13)) | (pos >= 17), (4, 23)))
+  nothing = L.chunked_token_logprobs(hidden, labels, lambda x: x @ w, chunk_size=chunk_size,
+                                     needed=np.zeros_like(needed))
+  assert not np.asarray(nothing).any()
+  with pytest.raises(ValueError, match="needed"):
+    L.chunked_token_logprobs(hidden, labels, lambda x: x @ w, chunk_size=chunk_size, needed=needed[:, :5])
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_matches_token_logprobs_on_full_logits_with_softcap(rng, dtype):
   """Same values and grads as token_logprobs/token_entropy of the full logits.

@@ -13,7 +13,7 @@ Conventions used throughout :mod:`alignjax.losses`:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -192,9 +192,19 @@ def chunked_scan(fn: Callable, arrays: Sequence[Array], *, chunk_size: int):
   return out
 
 
-def chunked_map(fn: Callable, arrays: Sequence[Array], *, chunk_size: int):
-  """:func:`chunked_scan` of a per-position ``fn`` (outputs ``[N, C, ...]``), unstacked to ``[N, T, ...]``."""
+def chunked_map(fn: Callable, arrays: Sequence[Array], *, chunk_size: int, needed: Optional[Array] = None):
+  """:func:`chunked_scan` of a per-position ``fn`` (outputs ``[N, C, ...]``), unstacked to ``[N, T, ...]``.
+
+  ``needed`` (``[N, T]`` bool, e.g. the response mask): only the positions whose outputs are
+  used. The chunks then start at the first position any row needs (a traced offset), and a
+  chunk no row needs anything from is skipped (``lax.cond``); outputs before the first needed
+  position and in skipped chunks are 0. With prompts before responses this computes the
+  unembedding and softmax of the response positions only (as TRL's ``use_logits_to_keep``):
+  half the vocabulary work at equal prompt and response lengths.
+  """
   n, length = jnp.shape(arrays[0])[:2]
+  if needed is not None:
+    return _chunked_map_needed(fn, arrays, chunk_size, needed)
   out = chunked_scan(fn, arrays, chunk_size=chunk_size)
 
   def unchunk(x):
@@ -205,8 +215,45 @@ def chunked_map(fn: Callable, arrays: Sequence[Array], *, chunk_size: int):
   return jax.tree.map(unchunk, out)
 
 
+def _chunked_map_needed(fn: Callable, arrays: Sequence[Array], chunk_size: int, needed) -> Any:
+  """:func:`chunked_map` over the chunks from the first ``needed`` position on, skipping unneeded chunks."""
+  arrays = [jnp.asarray(a) for a in arrays]
+  n, length = arrays[0].shape[:2]
+  needed = jnp.asarray(needed, bool)
+  if needed.shape != (n, length):
+    raise ValueError(f"chunked_map: `needed` must be [N, T] = {(n, length)} like the arrays, got {needed.shape}.")
+  chunk = max(1, min(chunk_size, length))
+  k = -(-length // chunk) if length else 1
+  first = jnp.argmax(jnp.any(needed, axis=0))   # 0 when nothing is needed (every chunk is then skipped)
+
+  def pad(x):   # room for k whole chunks from any start in [0, T)
+    return jnp.pad(x, ((0, 0), (0, k * chunk)) + ((0, 0),) * (x.ndim - 2))
+
+  padded, needed = [pad(a) for a in arrays], pad(needed)
+  shapes = jax.eval_shape(fn, *(jax.ShapeDtypeStruct((n, chunk) + a.shape[2:], a.dtype) for a in arrays))
+
+  @jax.checkpoint   # outside the cond: the backward pass keeps only each chunk's inputs, as chunked_scan
+  def body(used, *xs):
+    return jax.lax.cond(used, lambda xs: fn(*xs),
+                        lambda xs: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), xs)
+
+  def step(carry, i):
+    start = first + i * chunk
+    xs = tuple(jax.lax.dynamic_slice_in_dim(a, start, chunk, axis=1) for a in padded)
+    used = jnp.any(jax.lax.dynamic_slice_in_dim(needed, start, chunk, axis=1))
+    return carry, body(used, *xs)
+
+  _, out = jax.lax.scan(step, None, jnp.arange(k))
+
+  def place(x):   # [k, N, C, ...] -> [N, T, ...], chunk j at positions first + j*C ...
+    x = x.swapaxes(0, 1).reshape((n, k * chunk) + x.shape[3:])
+    full = jnp.zeros((n, length + k * chunk) + x.shape[2:], x.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(full, x, first, axis=1)[:, :length]
+  return jax.tree.map(place, out)
+
+
 def chunked_token_stats(hidden, labels, unembed, *, chunk_size: int, reference_hidden=None,
-                        reference_unembed=None, return_entropy: bool = False) -> TokenStats:
+                        reference_unembed=None, return_entropy: bool = False, needed=None) -> TokenStats:
   """Label log-probs (and a frozen model's log-probs, per-token KL, entropy), chunked over T.
 
   Equivalent to computing full float32 logits ``unembed(hidden)`` (and
@@ -223,6 +270,8 @@ def chunked_token_stats(hidden, labels, unembed, *, chunk_size: int, reference_h
     chunk_size: positions per chunk (> 0).
     reference_hidden, reference_unembed: the frozen model's, or None.
     return_entropy: also the entropy of ``pi``.
+    needed: optional ``[B, T]`` bool, the positions whose statistics are used (e.g. the
+      response mask); the others may be returned as 0 (see :func:`chunked_map`).
 
   Returns:
     :class:`TokenStats` of ``[B, T]`` float32 arrays.
@@ -265,11 +314,11 @@ def chunked_token_stats(hidden, labels, unembed, *, chunk_size: int, reference_h
     return out
 
   arrays = [hidden, labels] + ([reference_hidden] if with_ref else [])
-  return TokenStats(**chunked_map(stats, arrays, chunk_size=chunk_size))
+  return TokenStats(**chunked_map(stats, arrays, chunk_size=chunk_size, needed=needed))
 
 
 def chunked_token_logprobs(
-    hidden, labels, unembed, *, chunk_size: int, return_entropy: bool = False
+    hidden, labels, unembed, *, chunk_size: int, return_entropy: bool = False, needed=None
 ):
   """Per-token label log-probs computed chunk by chunk over T, never holding ``[B, T, V]``.
 
@@ -291,13 +340,16 @@ def chunked_token_logprobs(
     chunk_size: positions per chunk (> 0). ``T`` need not be a multiple: the
       last chunk is padded and the padding dropped.
     return_entropy: also return per-position entropy of ``softmax(logits)`` in nats.
+    needed: optional ``[B, T]`` bool, the positions whose log-probs are used (e.g. the
+      response mask); the others may be returned as 0 (see :func:`chunked_map`).
 
   Returns:
     ``logprobs [B, T]`` float32, or ``(logprobs, entropy)`` with both ``[B, T]``
     float32 when ``return_entropy``.
   """
   try:
-    out = chunked_token_stats(hidden, labels, unembed, chunk_size=chunk_size, return_entropy=return_entropy)
+    out = chunked_token_stats(hidden, labels, unembed, chunk_size=chunk_size, return_entropy=return_entropy,
+                              needed=needed)
   except (TypeError, ValueError) as e:
     raise type(e)(str(e).replace("chunked_token_stats", "chunked_token_logprobs")) from None
   return (out.logprobs, out.entropy) if return_entropy else out.logprobs

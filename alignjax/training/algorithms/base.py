@@ -281,10 +281,17 @@ def features(model, tokens, attention):
   return model(tokens, attention), lambda x: x
 
 
-def label_logprobs(model, tokens, attention, *, chunk_size: int) -> jax.Array:
-  """Next-token log-probs ``[N, T-1]`` float32 of ``tokens[:, 1:]`` (chunked, no f32 [N,T,V])."""
+def label_logprobs(model, tokens, attention, *, chunk_size: int, needed=None) -> jax.Array:
+  """Next-token log-probs ``[N, T-1]`` float32 of ``tokens[:, 1:]`` (chunked, no f32 [N,T,V]).
+
+  ``needed`` (``[N, T-1]``, e.g. the response labels): only those positions are used; the
+  chunks before the first of them and those without any are skipped and read as 0
+  (:func:`alignjax.losses.chunked_map`).
+  """
   h, unembed = features(model, tokens, attention)
-  return L.chunked_token_logprobs(h[:, :-1], tokens[:, 1:], unembed, chunk_size=chunk_size)
+  if needed is not None:
+    needed = jnp.asarray(needed) > 0
+  return L.chunked_token_logprobs(h[:, :-1], tokens[:, 1:], unembed, chunk_size=chunk_size, needed=needed)
 
 
 def side_inputs(batch, sides: tuple[str, ...]):
@@ -305,10 +312,15 @@ def reduce(lp, mask, average: bool):
   return L.masked_mean(lp, mask) if average else L.masked_sum(lp, mask)
 
 
-def sequence_logps(model, batch, sides: tuple[str, ...], *, average: bool, chunk_size: int):
-  """``(per-token log-probs [nB, T-1], response masks, per-side sequence log-probs)`` of ``model``."""
+def sequence_logps(model, batch, sides: tuple[str, ...], *, average: bool, chunk_size: int,
+                   response_only: bool = True):
+  """``(per-token log-probs [nB, T-1], response masks, per-side sequence log-probs)`` of ``model``.
+
+  ``response_only``: the per-token log-probs are those of the response labels, 0 elsewhere (the
+  unembedding runs over the response positions only); False: every position's.
+  """
   tokens, attention, mask = side_inputs(batch, sides)
-  lp = label_logprobs(model, tokens, attention, chunk_size=chunk_size)
+  lp = label_logprobs(model, tokens, attention, chunk_size=chunk_size, needed=mask if response_only else None)
   return lp, mask, batch_lib.split_sides(reduce(lp, mask, average), len(sides))
 
 

@@ -57,7 +57,8 @@ def statistics(hp, ctx, batch) -> dict:
 
 def objective(hp, ctx: base.Context, batch) -> base.ObjectiveOutput:
   """ORPO per pair: the batch token-mean NLL spread over the rows minus beta log sigma(log odds)."""
-  lp, mask, _ = base.sequence_logps(ctx.policy, batch, batch_lib.SIDES, average=False, chunk_size=ctx.chunk_size)
+  lp, mask, _ = base.sequence_logps(ctx.policy, batch, batch_lib.SIDES, average=False, chunk_size=ctx.chunk_size,
+                                    response_only=not _prompt(hp))   # the NLL may count prompt labels
   pc, pr = batch_lib.split_pair(base.reduce(lp, mask, True))
   lp_chosen = batch_lib.split_pair(lp)[0]
   stats = ctx.statistics if ctx.statistics is not None else statistics(hp, ctx, batch)
