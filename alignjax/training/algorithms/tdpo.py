@@ -41,7 +41,7 @@ def _objective(variant: str):
     h_ref, unembed_ref = base.features(ctx.frozen["reference"], tokens, attention)
     st = L.chunked_token_stats(h[:, :-1], tokens[:, 1:], unembed, chunk_size=ctx.chunk_size,
                                reference_hidden=jax.lax.stop_gradient(h_ref[:, :-1]),
-                               reference_unembed=unembed_ref)
+                               reference_unembed=unembed_ref, needed=mask > 0)   # response positions only
     red = lambda x: base.reduce(x, mask, hp.average_log_prob)
     stats = L.TDPOStats(logratio=red(st.logprobs - st.reference_logprobs), seq_kl=red(st.kl),
                         policy_logps=red(st.logprobs))
