@@ -287,7 +287,8 @@ def objective(hp, ctx: base.Context, batch) -> base.ObjectiveOutput:
     m_u = m_d = activation_masks(hp.mask, h_ref, unembed_ref, response, chunk_size=ctx.chunk_size)
     l1_u = l1_d = 0.0
   st = L.chunked_token_stats(h[:, :-1], tokens[:, 1:], unembed, chunk_size=ctx.chunk_size,
-                             reference_hidden=h_ref, reference_unembed=unembed_ref)
+                             reference_hidden=h_ref, reference_unembed=unembed_ref,
+                             needed=response > 0)   # the masks are 0 off the response
   u = jnp.sum(m_u * (st.logprobs - st.reference_logprobs), axis=-1)
   k = jnp.sum(m_d * st.kl, axis=-1)
   (u_c, u_r), (k_c, k_r) = batch_lib.split_pair(u), batch_lib.split_pair(k)
