@@ -27,17 +27,20 @@ with open({path!r}, "w") as _f:
 """
 
 
-def execute(name: str, *, tmp_path: Path, monkeypatch, before: str | None = None, workdir: tuple[str, str] | None = None,
-            save: str | None = None):
+def execute(name: str, *, tmp_path: Path, monkeypatch=None, before: str | None = None,
+            workdir: tuple[str, str] | None = None, save: str | None = None):
   """Executes ``colab/<name>`` in a new ``python3`` kernel (cwd: the repository root); fails on any cell error.
 
   Args:
     tmp_path: the kernel's TMPDIR (the notebook's ``tempfile.mkdtemp()`` directories land there).
-    monkeypatch: sets TMPDIR for the kernel.
+    monkeypatch: sets TMPDIR for the kernel (None: set for this call only, e.g. in a module fixture).
     before: a code cell added before the notebook's first (in memory; the file is not changed).
     workdir: ``(prefix, path)``: ``tempfile.mkdtemp(prefix=prefix)`` returns ``path`` in the notebook.
     save: the name of a notebook variable to return (JSON round trip); ``None``: return nothing.
   """
+  if monkeypatch is None:
+    with pytest.MonkeyPatch.context() as mp:
+      return execute(name, tmp_path=tmp_path, monkeypatch=mp, before=before, workdir=workdir, save=save)
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
   monkeypatch.setenv("TMPDIR", str(tmp_path))

@@ -53,12 +53,8 @@ def run(tmp_path_factory):
     pipeline.stage_config(cfg, "offpolicy", workdir)
   # The notebook builds the same config (configs/aligndistil.py "test") and runs the pipeline in its
   # tempfile.mkdtemp(prefix="aligndistil_") directory: this one. Its `result` is the second call's.
-  mp = pytest.MonkeyPatch()
-  try:
-    second = notebooks.execute("aligndistil_pipeline.ipynb", tmp_path=tmp_path_factory.mktemp("kernel_tmp"),
-                               monkeypatch=mp, workdir=("aligndistil_", workdir), save="result")
-  finally:
-    mp.undo()
+  second = notebooks.execute("aligndistil_pipeline.ipynb", tmp_path=tmp_path_factory.mktemp("kernel_tmp"),
+                             workdir=("aligndistil_", workdir), save="result")
   return cfg, workdir, first, second, calls, str(refused.value)
 
 

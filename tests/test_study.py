@@ -231,12 +231,8 @@ def study(tmp_path_factory):
     frontier.run_study(cfg, workdir=workdir, train_fn=train, progress=False)
   # The notebook builds the same config and runs the study in its tempfile.mkdtemp(prefix="frontier_")
   # directory: this one.
-  mp = pytest.MonkeyPatch()
-  try:
-    result = notebooks.execute("frontier_study.ipynb", tmp_path=tmp_path_factory.mktemp("kernel_tmp"),
-                               monkeypatch=mp, workdir=("frontier_", workdir), save="result")
-  finally:
-    mp.undo()
+  result = notebooks.execute("frontier_study.ipynb", tmp_path=tmp_path_factory.mktemp("kernel_tmp"),
+                             workdir=("frontier_", workdir), save="result")
   return cfg, result, calls
 
 
