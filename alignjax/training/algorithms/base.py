@@ -316,8 +316,9 @@ def sequence_logps(model, batch, sides: tuple[str, ...], *, average: bool, chunk
                    response_only: bool = True):
   """``(per-token log-probs [nB, T-1], response masks, per-side sequence log-probs)`` of ``model``.
 
-  ``response_only``: the per-token log-probs are those of the response labels, 0 elsewhere (the
-  unembedding runs over the response positions only); False: every position's.
+  ``response_only``: the per-token log-probs are exact on the response labels only (the
+  unembedding skips the positions before the first response label of the batch, which read
+  as 0; others may hold their log-probs); False: exact at every position (e.g. a prompt NLL).
   """
   tokens, attention, mask = side_inputs(batch, sides)
   lp = label_logprobs(model, tokens, attention, chunk_size=chunk_size, needed=mask if response_only else None)
