@@ -49,16 +49,15 @@ def execute(name: str, *, tmp_path: Path, monkeypatch=None, before: str | None =
   if workdir is not None:
     added.append(_WORKDIR.format(prefix=workdir[0], workdir=workdir[1]))
   nb.cells[:0] = [nbformat.v4.new_code_cell(src) for src in added]
-  saved = tmp_path / f"notebook_{save}.json"
-  if save is not None:
+  saved = None if save is None else tmp_path / f"notebook_{save}.json"
+  if saved is not None:
     nb.cells.append(nbformat.v4.new_code_cell(_SAVE.format(name=save, path=str(saved))))
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
   client.execute()
-  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if o.get("output_type") == "error"]
   assert not errors, "\n".join(f"{e['ename']}: {e['evalue']}" for e in errors)
-  if save is not None:
-    return json.loads(saved.read_text())
-  return None
+  return None if saved is None else json.loads(saved.read_text())
 
 
 def code_cells(name: str) -> list[str]:

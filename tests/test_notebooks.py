@@ -20,7 +20,7 @@ from tests import notebooks
 nbformat = pytest.importorskip("nbformat")
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
+NOTEBOOKS = sorted(notebooks.COLAB.glob("*.ipynb"))
 
 # notebook -> (config module, get_config argument, fields replaced in its config)
 SHORTER = {
