@@ -35,9 +35,8 @@ than the wall time when the machine is shared. ``XLA matmul GB/s`` / ``XLA trans
 ``torch matmul GB/s``: the rate at which each library's matmul alone reads the layers'
 projection weights for B rows (:func:`matmul_stream_rates`), the kernels' own ceiling
 under the roofline; "transposed" is the product of weights held ``[out, in]``, which
-the sampler's decode loop uses on CPU for the MLP weights and the unembedding
-(``transformer.out_major``; the attention projections keep alignjax's ``[in, out]``
-layout); in bf16 the XLA ones are the products alignjax's CPU projections compute
+the sampler's decode loop uses on CPU for the linear layers' weights and the
+unembedding (``transformer.out_major``); in bf16 the XLA ones are the products alignjax's CPU projections compute
 (bf16 x bf16 -> float32, rounded to bf16).
 
 Tunix (``google-tunix``) is benchmarked when it can be imported (its sampler module only;
@@ -134,7 +133,7 @@ def matmul_stream_rates(hf, batch: int, repeats: int = 5, dtype: str = "float32"
   ``transformer._weight_product``: in bfloat16 on CPU it accumulates into float32 and
   rounds to bf16; one jitted program for all of them), XLA with the weight transposed,
   ``[out, in]`` (``transformer._out_major_product``, what the sampler's decode loop
-  computes for the MLP weights on CPU; ``transformer.out_major``), and torch with its own
+  computes for these weights on CPU; ``transformer.out_major``), and torch with its own
   ``[out, in]`` (``F.linear``). Best of ``repeats``. Returns (XLA, XLA transposed, torch).
   """
   import jax  # pylint: disable=import-outside-toplevel

@@ -8,6 +8,7 @@ the constraints; ``jax.monitoring`` compile events for recompilation.
 """
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -162,25 +163,31 @@ def test_long_decoding_on_cpu_reads_transposed_weights_and_matches_transformers(
 
 
 @pytest.mark.parametrize("scan,dtype", [(False, jnp.float32), (True, jnp.float32), (False, jnp.bfloat16)])
-def test_out_major_holds_transposed_mlp_weights_and_head_and_computes_the_same(hf_dirs, scan, dtype):
+def test_out_major_holds_transposed_weights_and_head_and_computes_the_same(hf_dirs, scan, dtype):
   from alignjax.models import transformer
   base = _load(hf_dirs, "llama")[0] if dtype == jnp.float32 else models.from_hf(hf_dirs["llama"], dtype=dtype)
   model = transformer.stack_layers(base) if scan else base
   graphdef, state = nnx.split(model)
   tokens, mask = _prompts(model.config.vocab_size)
+  names = {"mlp": ("gate", "up", "down"), "attn": ("q", "k", "v", "o")}
 
   def forward(state, transposed):
     m = nnx.merge(graphdef, state)
     if transposed:
       transformer.out_major(m)
     h = m(tokens, attention_mask=mask, return_hidden=True)
-    mlp = m.layers.mlp if scan else m.layers[0].mlp
-    return m.unembed(h), {k: getattr(mlp, k)[...] for k in ("gate", "up", "down")}, m.lm_head[...]
+    layer = m.layers if scan else m.layers[0]
+    weights = {(part, k): getattr(getattr(layer, part), k)[...] for part, ks in names.items() for k in ks}
+    return m.unembed(h), weights, m.lm_head[...]
 
   plain, plain_w, plain_head = jax.jit(forward, static_argnums=1)(state, False)
   got, got_w, got_head = jax.jit(forward, static_argnums=1)(state, True)
-  for k, w in plain_w.items():  # [.., in, out] -> [.., out, in]
-    np.testing.assert_array_equal(np.asarray(got_w[k]), np.swapaxes(np.asarray(w), -1, -2))
+  lead = 1 if scan else 0
+  for (part, k), w in plain_w.items():  # [L.., in..., out...] -> [L.., out, in], in = D or (heads, head_dim)
+    w = np.asarray(w)
+    n_in = 2 if k == "o" else 1
+    w2 = w.reshape(w.shape[:lead] + (math.prod(w.shape[lead:lead + n_in]), -1))
+    np.testing.assert_array_equal(np.asarray(got_w[part, k]), np.swapaxes(w2, -1, -2), err_msg=f"{part}.{k}")
   np.testing.assert_array_equal(np.asarray(got_head), np.asarray(plain_head).T)
   scale = np.abs(np.asarray(plain)).max()
   np.testing.assert_allclose(np.asarray(got), np.asarray(plain), atol=(1e-5 if dtype == jnp.float32 else 3e-2) * scale)
