@@ -105,6 +105,43 @@ def test_needed_positions_match_numpy_and_the_rest_is_skipped(rng, chunk_size):
     L.chunked_token_logprobs(hidden, labels, lambda x: x @ w, chunk_size=chunk_size, needed=needed[:, :5])
 
 
+@pytest.mark.parametrize("chunk_size", [3, 64])
+def test_chunked_scan_of_masked_sums_with_needed_matches_numpy(rng, chunk_size):
+  """chunked_scan(needed=): per-row masked sums (AlignDistil's shape of output) equal float64 NumPy, values
+  and grads, although the chunks start at the first needed position and one needing nothing is not run."""
+  hidden, w, labels, weights = _problem(rng, B=3, T=17)
+  needed = np.zeros(labels.shape, bool)
+  needed[0, 5:8] = needed[1, 14:] = True     # a gap 8..13 that no row needs; row 2 needs nothing
+  weights = np.where(needed, weights, 0).astype(np.float32)
+  want_lp, _, want_dh, want_dw = _numpy_reference(hidden, w, labels, weights)
+  ran = []
+
+  def chunk_sums(h, lab, wt, W):
+    ran.append(h.shape)
+    logits = h @ W
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits), lab[..., None], -1)[..., 0]
+    return jnp.sum(wt * lp, axis=-1), jnp.sum(wt != 0, axis=-1)
+
+  def f(h, W):
+    sums, counts = L.chunked_scan(lambda *xs: chunk_sums(*xs, W), (h, labels, weights), chunk_size=chunk_size,
+                                  needed=needed)
+    return jnp.sum(sums), (jnp.sum(sums, axis=0), sums, counts)
+
+  (_, (total, sums, counts)), (dh, dw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(hidden, w)
+  k = -(-17 // min(chunk_size, 17))
+  assert sums.shape == (k, 3) and {s[1] for s in ran} == {min(chunk_size, 17)}
+  np.testing.assert_allclose(total, np.sum(weights * want_lp, axis=-1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.sum(counts, axis=0), np.sum(weights != 0, axis=-1))
+  np.testing.assert_allclose(dh, want_dh, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-5)
+  if chunk_size == 3:  # chunks from position 5: 5-7, 8-10 and 11-13 (nothing needed: not run, zeros), 14-16, ...
+    touched = jax.jit(lambda h: L.chunked_scan(lambda x: jnp.ones(x.shape[:1]), (h,), chunk_size=3,
+                                               needed=needed))(hidden)
+    np.testing.assert_array_equal(touched[:, 0], [1, 0, 0, 1, 0, 0])
+  with pytest.raises(ValueError, match="needed"):
+    L.chunked_scan(lambda x: x, (hidden,), chunk_size=chunk_size, needed=needed[:2])
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_matches_token_logprobs_on_full_logits_with_softcap(rng, dtype):
   """Same values and grads as token_logprobs/token_entropy of the full logits.

@@ -166,7 +166,7 @@ class TokenStats(NamedTuple):
   entropy: Optional[Array] = None
 
 
-def chunked_scan(fn: Callable, arrays: Sequence[Array], *, chunk_size: int):
+def chunked_scan(fn: Callable, arrays: Sequence[Array], *, chunk_size: int, needed: Optional[Array] = None):
   """``fn`` over chunks of positions of ``[N, T, ...]`` arrays, in a ``lax.scan`` under ``jax.checkpoint``.
 
   The ONE chunking loop of alignjax: ``T`` is cut into ``K = ceil(T / C)``
@@ -175,21 +175,60 @@ def chunked_scan(fn: Callable, arrays: Sequence[Array], *, chunk_size: int):
   (``[N, C, V]`` logits) lives only there: the backward pass recomputes it
   chunk by chunk. Returns ``fn``'s outputs stacked over chunks (leaves
   ``[K, ...]``); :func:`chunked_map` unstacks per-position outputs.
+
+  ``needed`` (``[N, T]`` bool, e.g. the response mask): only those positions matter. The
+  chunks then start at the first position any row needs (a traced offset, so no recompile
+  per batch; the arrays are zero-padded past ``T``), and a chunk no row needs anything from
+  is not run (``lax.cond`` inside the checkpoint): its outputs are zeros. Positions before
+  the first needed one are in no chunk. For ``fn`` whose outputs are sums over the chunk's
+  positions that unneeded positions add nothing to (masked sums), the chunks' total is the
+  same as without ``needed``.
   """
+  return _chunks(fn, arrays, chunk_size, needed)[0]
+
+
+def _chunks(fn: Callable, arrays: Sequence[Array], chunk_size: int, needed) -> tuple[Any, Any]:
+  """:func:`chunked_scan`'s outputs ``[K, ...]`` and the first chunk's start (0 without ``needed``)."""
   arrays = [jnp.asarray(a) for a in arrays]
   n, length = arrays[0].shape[:2]
   chunk = max(1, min(chunk_size, length))
   k = -(-length // chunk) if length else 1
-  pad = k * chunk - length
+  if needed is None:
+    pad = k * chunk - length
 
-  def chunks(x):
-    if pad:
-      x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-    return x.reshape((n, k, chunk) + x.shape[2:]).swapaxes(0, 1)
+    def chunks(x):
+      if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+      return x.reshape((n, k, chunk) + x.shape[2:]).swapaxes(0, 1)
 
-  body = jax.checkpoint(fn)
-  _, out = jax.lax.scan(lambda carry, xs: (carry, body(*xs)), None, tuple(chunks(a) for a in arrays))
-  return out
+    body = jax.checkpoint(fn)
+    _, out = jax.lax.scan(lambda carry, xs: (carry, body(*xs)), None, tuple(chunks(a) for a in arrays))
+    return out, 0
+
+  needed = jnp.asarray(needed, bool)
+  if needed.shape != (n, length):
+    raise ValueError(f"chunked_scan: `needed` must be [N, T] = {(n, length)} like the arrays, got {needed.shape}.")
+  first = jnp.argmax(jnp.any(needed, axis=0))   # 0 when nothing is needed (every chunk is then skipped)
+
+  def pad(x):   # room for k whole chunks from any start in [0, T)
+    return jnp.pad(x, ((0, 0), (0, k * chunk)) + ((0, 0),) * (x.ndim - 2))
+
+  padded, needed = [pad(a) for a in arrays], pad(needed)
+  shapes = jax.eval_shape(fn, *(jax.ShapeDtypeStruct((n, chunk) + a.shape[2:], a.dtype) for a in arrays))
+
+  @jax.checkpoint   # outside the cond: the backward pass keeps only each chunk's inputs
+  def body(used, *xs):
+    return jax.lax.cond(used, lambda xs: fn(*xs),
+                        lambda xs: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), xs)
+
+  def step(carry, i):
+    start = first + i * chunk
+    xs = tuple(jax.lax.dynamic_slice_in_dim(a, start, chunk, axis=1) for a in padded)
+    used = jnp.any(jax.lax.dynamic_slice_in_dim(needed, start, chunk, axis=1))
+    return carry, body(used, *xs)
+
+  _, out = jax.lax.scan(step, None, jnp.arange(k))
+  return out, first
 
 
 def chunked_map(fn: Callable, arrays: Sequence[Array], *, chunk_size: int, needed: Optional[Array] = None):
@@ -204,51 +243,16 @@ def chunked_map(fn: Callable, arrays: Sequence[Array], *, chunk_size: int, neede
   half the vocabulary work at equal prompt and response lengths.
   """
   n, length = jnp.shape(arrays[0])[:2]
-  if needed is not None:
-    return _chunked_map_needed(fn, arrays, chunk_size, needed)
-  out = chunked_scan(fn, arrays, chunk_size=chunk_size)
+  out, first = _chunks(fn, arrays, chunk_size, needed)
 
-  def unchunk(x):
+  def place(x):   # [K, N, C, ...] -> [N, T, ...], chunk j at positions first + j*C ...
     if x is None:
       return None
     k, _, c = x.shape[:3]
-    return x.swapaxes(0, 1).reshape((n, k * c) + x.shape[3:])[:, :length]
-  return jax.tree.map(unchunk, out)
-
-
-def _chunked_map_needed(fn: Callable, arrays: Sequence[Array], chunk_size: int, needed) -> Any:
-  """:func:`chunked_map` over the chunks from the first ``needed`` position on, skipping unneeded chunks."""
-  arrays = [jnp.asarray(a) for a in arrays]
-  n, length = arrays[0].shape[:2]
-  needed = jnp.asarray(needed, bool)
-  if needed.shape != (n, length):
-    raise ValueError(f"chunked_map: `needed` must be [N, T] = {(n, length)} like the arrays, got {needed.shape}.")
-  chunk = max(1, min(chunk_size, length))
-  k = -(-length // chunk) if length else 1
-  first = jnp.argmax(jnp.any(needed, axis=0))   # 0 when nothing is needed (every chunk is then skipped)
-
-  def pad(x):   # room for k whole chunks from any start in [0, T)
-    return jnp.pad(x, ((0, 0), (0, k * chunk)) + ((0, 0),) * (x.ndim - 2))
-
-  padded, needed = [pad(a) for a in arrays], pad(needed)
-  shapes = jax.eval_shape(fn, *(jax.ShapeDtypeStruct((n, chunk) + a.shape[2:], a.dtype) for a in arrays))
-
-  @jax.checkpoint   # outside the cond: the backward pass keeps only each chunk's inputs, as chunked_scan
-  def body(used, *xs):
-    return jax.lax.cond(used, lambda xs: fn(*xs),
-                        lambda xs: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), xs)
-
-  def step(carry, i):
-    start = first + i * chunk
-    xs = tuple(jax.lax.dynamic_slice_in_dim(a, start, chunk, axis=1) for a in padded)
-    used = jnp.any(jax.lax.dynamic_slice_in_dim(needed, start, chunk, axis=1))
-    return carry, body(used, *xs)
-
-  _, out = jax.lax.scan(step, None, jnp.arange(k))
-
-  def place(x):   # [k, N, C, ...] -> [N, T, ...], chunk j at positions first + j*C ...
-    x = x.swapaxes(0, 1).reshape((n, k * chunk) + x.shape[3:])
-    full = jnp.zeros((n, length + k * chunk) + x.shape[2:], x.dtype)
+    x = x.swapaxes(0, 1).reshape((n, k * c) + x.shape[3:])
+    if needed is None:
+      return x[:, :length]
+    full = jnp.zeros((n, length + k * c) + x.shape[2:], x.dtype)
     return jax.lax.dynamic_update_slice_in_dim(full, x, first, axis=1)[:, :length]
   return jax.tree.map(place, out)
 

@@ -98,7 +98,8 @@ def objective(hp, ctx: base.Context, batch) -> base.ObjectiveOutput:
                        out.seq_kl_dpo, out.seq_kl_contrast], axis=-1)
     return losses, jax.lax.stop_gradient(stats)
 
-  per_chunk, stats = L.chunked_scan(chunk_loss, (h, hd, hc, mask), chunk_size=ctx.chunk_size)
+  per_chunk, stats = L.chunked_scan(chunk_loss, (h, hd, hc, mask), chunk_size=ctx.chunk_size,
+                                   needed=mask > 0)   # masked sums: the distilled positions only
   summed, stats = per_chunk.sum(axis=0), stats.sum(axis=0)        # [B], [B, 5]
   denom = jnp.maximum(mask.sum(axis=-1), 1.0)
   losses = summed / denom if hp.length_normalize else summed

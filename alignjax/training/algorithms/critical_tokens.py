@@ -63,9 +63,10 @@ def objective(hp, ctx: base.Context, batch) -> base.ObjectiveOutput:
   w_r = _weights(batch, "rejected_weights")                       # missing weights fail before any forward
   w_c = None if hp.only_neg else _weights(batch, "chosen_weights")
   tokens, attention, mask = base.pair_inputs(batch)
-  lp = base.label_logprobs(ctx.policy, tokens, attention, chunk_size=ctx.chunk_size)
+  # Every use below is masked: the response labels' log-probs only (see base.label_logprobs).
+  lp = base.label_logprobs(ctx.policy, tokens, attention, chunk_size=ctx.chunk_size, needed=mask)
   ref = jax.lax.stop_gradient(
-      base.label_logprobs(ctx.frozen["reference"], tokens, attention, chunk_size=ctx.chunk_size))
+      base.label_logprobs(ctx.frozen["reference"], tokens, attention, chunk_size=ctx.chunk_size, needed=mask))
   (pc, pr), (rc, rr), (mc, mr) = batch_lib.split_pair(lp), batch_lib.split_pair(ref), batch_lib.split_pair(mask)
   losses, out = L.cdpo_loss(pc, pr, rc, rr, mc, mr, rejected_weights=w_r, chosen_weights=w_c, beta=hp.beta,
                             label_smoothing=hp.label_smoothing, pairing=hp.pairing)

@@ -24,7 +24,7 @@ def objective(hp, ctx: base.Context, batch) -> base.ObjectiveOutput:
   """Token-averaged NLL of the positive rows over the whole batch (weights = token counts)."""
   del hp
   tokens, attention, mask, row_weight = base.positive_rows(batch)
-  lp = base.label_logprobs(ctx.policy, tokens, attention, chunk_size=ctx.chunk_size)
+  lp = base.label_logprobs(ctx.policy, tokens, attention, chunk_size=ctx.chunk_size, needed=mask)
   count = mask.sum(axis=-1)
   nll = -L.masked_sum(lp, mask) / jax.numpy.maximum(count, 1.0)
   return base.ObjectiveOutput(nll, count * row_weight, {"nll/chosen": jax.lax.stop_gradient(nll)})
