@@ -234,11 +234,9 @@ def _chunks(fn: Callable, arrays: Sequence[Array], chunk_size: int, needed) -> t
 def chunked_map(fn: Callable, arrays: Sequence[Array], *, chunk_size: int, needed: Optional[Array] = None):
   """:func:`chunked_scan` of a per-position ``fn`` (outputs ``[N, C, ...]``), unstacked to ``[N, T, ...]``.
 
-  ``needed`` (``[N, T]`` bool, e.g. the response mask): only the positions whose outputs are
-  used. The chunks then start at the first position any row needs (a traced offset), and a
-  chunk no row needs anything from is skipped (``lax.cond``); outputs before the first needed
-  position and in skipped chunks are 0, the other unneeded positions hold ``fn``'s outputs.
-  With prompts before responses this computes the
+  ``needed``: the positions whose outputs are used, chunked as in :func:`chunked_scan`;
+  outputs before the first needed position and in skipped chunks are 0, the other unneeded
+  positions hold ``fn``'s outputs. With prompts before responses this computes the
   unembedding and softmax of the response positions only (as TRL's ``use_logits_to_keep``):
   half the vocabulary work at equal prompt and response lengths.
   """

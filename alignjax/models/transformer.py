@@ -384,10 +384,9 @@ class Attention(nnx.Module):
     # Scores accumulate and stay in float32 (never rounded to bf16), softmax in float32.
     if cache_kv is None:  # q [B, K, G*T, Dh] . k [B, K, S, Dh] over Dh
       scores = jnp.einsum("bkqd,bksd->bkqs", q, jnp.swapaxes(k, 1, 2), preferred_element_type=jnp.float32)
-      scores = scores.reshape(B, K, G, T, -1)
     else:  # q [B, K, G*T, Dh] . k [B, K, Dh, S]
-      scores = _cache_product(q, k).reshape(B, K, G, T, -1)
-    scores = scores * cfg.attention_scale
+      scores = _cache_product(q, k)
+    scores = scores.reshape(B, K, G, T, -1) * cfg.attention_scale
     if cfg.attn_logit_softcap is not None:
       cap = cfg.attn_logit_softcap
       scores = jnp.tanh(scores / cap) * cap
