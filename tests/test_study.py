@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 
 import jax
@@ -307,6 +308,19 @@ def test_dera_at_lambda_zero_equals_the_sft_samples(study):
       [r for r in dera if r["lambda"] == 1.0][0]["reward"], dpo_row["reward"])
 
 
+def _plug_in_mean(n, draws):
+  """The mean of the best-of-n log-ratio estimate for scores without ties, whose KL is log n - (n-1)/n.
+
+  The estimate takes each prompt's ``m = draws * n`` scores for its score distribution: a pick of rank
+  ``k`` among them gets ``log(m ((k/m)^n - ((k-1)/m)^n))``, and the ranks are exchangeable, so a pick (the
+  best of its ``n``) has rank ``k`` with probability ``C(k-1, n-1) / C(m, n)``. 0.252 for n = 2 and 4 draws
+  (KL 0.193), 0.197 for 64; scores with ties give less (a NumPy simulation: 0.152-0.243 for 2-20 levels).
+  """
+  m = draws * n
+  return sum(math.comb(k - 1, n - 1) / math.comb(m, n) * math.log(m * ((k / m) ** n - ((k - 1) / m) ** n))
+             for k in range(n, m + 1))
+
+
 def test_decoding_points(study):
   cfg, result, _ = study
   sft = _rows(result, "sft")[0]
@@ -316,8 +330,8 @@ def test_decoding_points(study):
   assert genarm[0.0]["reward"] == sft["reward"] and abs(genarm[0.0]["kl"]) < 1e-4
   bon = sorted(_rows(result, "best_of_n"), key=lambda r: r["n"])
   assert [r["n"] for r in bon] == sorted(cfg.best_of_n)
-  for r in bon:  # 0 <= KL <= log n - (n-1)/n (Beirami et al. 2024), up to estimator noise
-    assert -3 * r["kl_se"] <= r["kl"] <= r["kl_bound"] + 3 * r["kl_se"], r
+  for r in bon:  # 0 <= KL <= log n - (n-1)/n (Beirami et al. 2024), up to estimator noise and the plug-in's bias
+    assert -3 * r["kl_se"] <= r["kl"] <= max(r["kl_bound"], _plug_in_mean(r["n"], cfg.eval_samples)) + 3 * r["kl_se"], r
   args = sorted(_rows(result, "args"), key=lambda r: r["w"])
   assert [r["w"] for r in args] == sorted(cfg.args_weights) and all(r["kl"] > 0 for r in args)
 

@@ -23,6 +23,8 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from alignjax.data import pipeline
+
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 NUM_SPECIAL = 4
 
@@ -162,8 +164,9 @@ def preference_batches(data, batch_size: int, seed: int, *, shuffle: bool = True
     data: a dict of ``[N, ...]`` arrays, or a random-access source of records
       (e.g. the TFDS array_record data source of :mod:`tfds_sorting`).
     batch_size: examples per batch (remainders are dropped).
-    seed: shuffle seed.
-    shuffle: shuffle the records (same order every epoch).
+    seed: shuffle seed, in [0, 2**32).
+    shuffle: shuffle the records, a fresh permutation every epoch
+      (:func:`alignjax.data.pipeline.shuffled`); else the source order.
 
   ``ds[step]`` is the batch for ``step``, so a resumed run sees exactly the
   batches it would have seen without interruption. A source of at most
@@ -178,5 +181,5 @@ def preference_batches(data, batch_size: int, seed: int, *, shuffle: bool = True
     )
   ds = grain.MapDataset.source(records)
   if shuffle:
-    ds = ds.seed(seed).shuffle()
+    ds = pipeline.shuffled(ds, seed, where="preference_batches")
   return ds.repeat(None).batch(batch_size, drop_remainder=True)
