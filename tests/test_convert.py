@@ -141,3 +141,18 @@ def test_checkpoint_not_matching_its_config_is_refused(tmp_path):
     checkpoint_io.load_model(ckpt)
   with pytest.raises(ValueError, match="load_model: `param_dtype`"):
     checkpoint_io.load_model(ckpt, param_dtype="int8")
+
+
+def test_loads_of_one_checkpoint_are_independent_models_holding_the_saved_tensors(tmp_path):
+  """load_model builds its abstract model once per config; each load is still a model of its own."""
+  from alignjax.models import checkpoint_io
+
+  src = hf_fixtures.make_tiny_hf("llama", str(tmp_path / "hf"))
+  ckpt = str(tmp_path / "orbax")
+  convert_launcher.convert("to_orbax", src, ckpt)
+  first, second = checkpoint_io.load_model(ckpt), checkpoint_io.load_model(ckpt)
+  embed = _tensors(src)["model.embed_tokens.weight"]
+  first.embed.set_value(first.embed.get_value() * 0)
+  np.testing.assert_array_equal(np.asarray(second.embed.get_value()), embed)
+  np.testing.assert_array_equal(np.asarray(checkpoint_io.load_model(ckpt).embed.get_value()), embed)
+  assert not np.any(np.asarray(first.embed.get_value()))
