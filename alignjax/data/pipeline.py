@@ -34,10 +34,25 @@ __all__ = ["process_slice", "sharded_batches", "shuffled", "make_iterator", "ite
            "checkpoint_handler", "checkpoint_save", "checkpoint_restore"]
 
 
-class _GlobalBatchSlice(grain.MapDataset):
-  """Element ``i`` = record ``(i // b) * B + p * b + i % b`` of the parent (``b = B / P``)."""
+class _IndexMap(grain.MapDataset):
+  """Element ``i`` = parent element ``self._parent_index(i)`` (batched reads stay batched)."""
 
   _MUTATES_ELEMENT_SPEC = False
+
+  def _parent_index(self, index: int) -> int:
+    raise NotImplementedError
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def _getitems(self, indices: Sequence[int]):
+    return self._parent._getitems([self._parent_index(i) for i in indices])  # pylint: disable=protected-access
+
+
+class _GlobalBatchSlice(_IndexMap):
+  """Element ``i`` = record ``(i // b) * B + p * b + i % b`` of the parent (``b = B / P``)."""
 
   def __init__(self, parent: grain.MapDataset, global_batch_size: int, process_index: int, process_count: int):
     super().__init__(parent)
@@ -53,14 +68,6 @@ class _GlobalBatchSlice(grain.MapDataset):
     step, k = divmod(index, self._local)
     return step * self._global + self._offset + k
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    return self._parent[self._parent_index(index)]
-
-  def _getitems(self, indices: Sequence[int]):
-    return self._parent._getitems([self._parent_index(i) for i in indices])  # pylint: disable=protected-access
-
   def __str__(self) -> str:
     return f"GlobalBatchSlice(B={self._global}, offset={self._offset}, local={self._local})"
 
@@ -73,11 +80,9 @@ class _GlobalBatchSlice(grain.MapDataset):
 PERMUTATION_MAX_RECORDS = 1 << 22
 
 
-class _EpochPermutation(grain.MapDataset):
+class _EpochPermutation(_IndexMap):
   """Element ``e * n + i`` = parent element ``e * n + perm_e[i]``, ``perm_e`` NumPy's permutation of
   ``range(n)`` seeded by ``(seed, e)``: made at the epoch's first read and kept (the last two epochs)."""
-
-  _MUTATES_ELEMENT_SPEC = False
 
   def __init__(self, parent: grain.MapDataset, seed: int):
     super().__init__(parent)
@@ -100,14 +105,6 @@ class _EpochPermutation(grain.MapDataset):
   def _parent_index(self, index: int) -> int:
     epoch, k = divmod(index, self._n)
     return epoch * self._n + int(self._permutation(epoch)[k])
-
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    return self._parent[self._parent_index(index)]
-
-  def _getitems(self, indices: Sequence[int]):
-    return self._parent._getitems([self._parent_index(i) for i in indices])  # pylint: disable=protected-access
 
   def __str__(self) -> str:
     return f"EpochPermutation(seed={self._seed})"
