@@ -271,6 +271,7 @@ def test_divergence_exits_nonzero(tmp_path):
     ("max_checkpoints", 0, "config.max_checkpoints must be >= 1"),
     ("loss.name", "dpoo", "unknown loss 'dpoo'; valid loss names: aligndistil, "),
     ("batch_size", 0, "config.batch_size must be positive"),
+    ("seed", 2**32, "config.seed must be in [0, 2**32)"),
 ])
 def test_invalid_config_field_is_one_line(field, value, message):
   with pytest.raises(config_lib.ConfigError) as info:

@@ -267,7 +267,7 @@ class MeshSpec:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
   """Everything that defines (and paces) a training run."""
-  seed: int = _f(0, "seed of the data set, the shuffle and the model init (>= 0)")
+  seed: int = _f(0, "seed of the data set, the shuffle and the model init (in [0, 2**32))")
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
   init: InitConfig = dataclasses.field(default_factory=InitConfig)
@@ -421,7 +421,7 @@ def _check(ok: bool, msg: str) -> None:
 def validate(cfg: RunConfig) -> None:
   """Checks ranges, names and combinations of every field; raises :class:`ConfigError`."""
   d, m, l = cfg.data, cfg.model, cfg.loss
-  _check(cfg.seed >= 0, f"config.seed must be >= 0, got {cfg.seed}.")
+  _check(0 <= cfg.seed < 2**32, f"config.seed must be in [0, 2**32) (the data shuffle's seed), got {cfg.seed}.")
   _check(d.num_symbols >= 2, f"config.data.num_symbols must be >= 2, got {d.num_symbols}.")
   _check(d.min_len >= 2, f"config.data.min_len must be >= 2, got {d.min_len}.")
   _check(d.max_len >= d.min_len,
