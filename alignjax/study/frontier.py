@@ -34,7 +34,7 @@ laptop CPU and made of the same library calls a pod run makes:
    ``best_of_n`` and ARGS (Khanov et al. 2024, arXiv:2402.01694) over
    ``args_weights`` with a Bradley--Terry reward model trained on the study's
    pairs (the ``reward`` algorithm; its KL for best-of-N from the reward-model
-   scores, :func:`alignjax.study.evaluation.best_of_n_log_ratios`), and GenARM
+   scores, :func:`alignjax.study.evaluation.best_of_n_kl`), and GenARM
    (Xu et al. 2025, arXiv:2410.08193): the SFT model combined with the
    autoregressive reward model trained by the ``genarm`` runs (``genarm_beta``)
    over ``genarm_alphas``.
@@ -332,9 +332,11 @@ def _decoding_rows(cfg: StudyConfig, workdir: str, p, evaluate, policy, sft_mode
     def sample(tokens, mask, *, max_new_tokens, rng, eos_token_ids, pad_token_id):
       out = decoding.best_of_n(sft_model, policy("reward"), tokens, mask, n=n, max_new_tokens=max_new_tokens,
                                temperature=1.0, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, rng=rng)
-      # log pi_BoN(y) = log pi_SFT(y) (the sampler's log-probs at T = 1) + the best-of-n log-ratio estimate.
-      ratios = evaluation.best_of_n_log_ratios(out.scores, out.index, cfg.eval_prompts)
-      return out.tokens, out.mask, np.asarray(out.logprobs, np.float64).sum(axis=1) + ratios
+      # log pi_BoN(y) - log pi_SFT(y) depends on y's score only; each row carries its prompt's best-of-n KL
+      # over the sampled scores in its place, so the rows' mean per prompt (the KL estimate) is that KL.
+      kl = evaluation.best_of_n_kl(out.scores, cfg.eval_prompts)
+      per_prompt = np.repeat(kl, np.asarray(out.index).shape[0] // cfg.eval_prompts)
+      return out.tokens, out.mask, np.asarray(out.logprobs, np.float64).sum(axis=1) + per_prompt
     return sample
 
   def args(w):
