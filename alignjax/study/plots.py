@@ -43,7 +43,7 @@ def plot_frontier(rows: Sequence[Mapping], path: str, *, title: str = "Reward vs
   matplotlib.use("Agg", force=True)
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+  fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
   colors = [c for j, c in enumerate(plt.get_cmap("tab10").colors) if j != 7] + ["#000080", "#808000"]  # no grey
   markers = "osD^vPX<>h"
   curves = _curves(rows)
@@ -68,7 +68,7 @@ def plot_frontier(rows: Sequence[Mapping], path: str, *, title: str = "Reward vs
   ax.set_ylabel("mean gold reward of samples")
   ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, ncol=2, loc="best")
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside: covers no curve
   fig.tight_layout()
   fig.savefig(path, format="png")
   plt.close(fig)
