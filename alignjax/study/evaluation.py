@@ -192,7 +192,7 @@ def best_of_n_kl(scores, num_prompts: int) -> np.ndarray:
     raise ValueError(f"best_of_n_kl: `scores` must be [N*K, n] with N = num_prompts = {num_prompts}, "
                      f"got shape {s.shape}.")
   n = s.shape[1]
-  pools = np.sort(s.reshape(num_prompts, -1), axis=1)
+  pools = s.reshape(num_prompts, -1)
   m = pools.shape[1]
   out = np.empty(num_prompts)
   for i, pool in enumerate(pools):
