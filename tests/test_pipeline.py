@@ -78,7 +78,7 @@ def test_the_shuffle_is_uniform_and_large_sources_keep_grains_index_shuffle(monk
       counts[np.asarray(ds[step]["row"]), np.arange(N)] += 1
   expected = counts.sum() / N**2
   assert ((counts - expected) ** 2 / expected).sum() < 140
-  # Epoch e of a seed does not repeat epoch e of the next seed (the pair seeds it, not their sum).
+  # Epoch 1 of seed 5 is not epoch 0 of seed 6 (the pair (seed, epoch) seeds an epoch, not their sum).
   a, b = (pipeline.sharded_batches(source(), global_batch_size=N, seed=s, process_index=0, process_count=1)
           for s in (5, 6))
   assert not np.array_equal(a[1]["row"], b[0]["row"])
