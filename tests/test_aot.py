@@ -150,10 +150,10 @@ def test_search_returns_fitting_configs_ranked_and_top_matches_direct_compile(se
   assert times == sorted(times) and all(r.fits for r in full)
   # The cached answers are the fixture's compiles: search compiled each configuration with aot.plan
   # (an empty cache directory), so those results are direct compiles of the same arguments.
-  for top in full:
-    direct = next(r for r in results if r.mesh == top.mesh and r.remat == top.remat)
+  for cached in full:
+    direct = next(r for r in results if r.mesh == cached.mesh and r.remat == cached.remat)
     for field in ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes", "flops", "params_bytes"):
-      assert getattr(direct, field) == getattr(top, field), field
+      assert getattr(direct, field) == getattr(cached, field), field
 
 
 def test_compiled_step_is_the_training_step():
